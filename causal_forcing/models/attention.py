@@ -212,7 +212,6 @@ def _flex(q: Tensor, k: Tensor, v: Tensor, plan: AttentionPlan | None) -> Tensor
     if plan is not None:
         if plan.length != Lq or Lq != Lk:
             raise ValueError("plan length does not match the query/key length")
-        # Pad to a multiple of 128 (FlexAttention's block size); padded queries see only themselves.
         block_mask = create_block_mask(plan_mask_mod(plan, q.device), None, None, Lq, Lk, device=q.device)
     out = _flex_fn(q.device)(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask,
                              scale=1.0 / math.sqrt(D))

@@ -114,15 +114,19 @@ class KVCache:
         self.text.reset()
 
     def plan(self, start_token: int, num_tokens: int) -> CacheWrite:
-        """Where a call for tokens [start_token, start_token + num_tokens) of the video goes. Pure."""
+        """Where a call for tokens [start_token, start_token + num_tokens) of the video goes. Pure.
+
+        A new block normally starts where the last one ended; it may also start later (positions skipped,
+        e.g. to place a few chosen frames at their original positions).
+        """
         end = start_token + num_tokens
         if end == self.global_end and num_tokens <= self.local_end:
             # Same block again (a later denoising step or the clean refresh): overwrite its slots.
             return CacheWrite(self.local_end - num_tokens, self.local_end, 0, end, self._sink_shift(self.evicted))
-        if start_token != self.global_end:
+        if start_token < self.global_end:
             raise ValueError(
-                f"KV cache calls must append the next block or repeat the last one: cache holds tokens "
-                f"[0, {self.global_end}), call is for [{start_token}, {end})")
+                f"KV cache calls must append a new block or repeat the last one: cache holds tokens up to "
+                f"{self.global_end}, call is for [{start_token}, {end})")
         if num_tokens > self.capacity - self.sink:
             raise ValueError(f"a block of {num_tokens} tokens does not fit a cache of {self.capacity} tokens "
                              f"with a {self.sink}-token sink")
