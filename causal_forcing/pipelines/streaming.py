@@ -196,6 +196,7 @@ class CausalStream:
         """Switch the prompt: later blocks use the new text (the cross-attention cache is replaced)."""
         if context.shape[0] != self.batch_size:
             raise ValueError(f"new context has batch {context.shape[0]}, the stream has {self.batch_size}")
+        self._flush_commit()  # the last block goes into the cache under the prompt it was made with
         self.context = context.to(self.device)
         self.cache.text.reset()
 

@@ -1,0 +1,118 @@
+"""The streaming few-step sampler against cache-free recomputation and its own invariants."""
+import pytest
+import torch
+
+from causal_forcing.models.attention import BlockCausal
+from causal_forcing.pipelines.streaming import (CausalStream, ReplayNoise, SeededNoise, StreamConfig,
+                                                sample_causal)
+from causal_forcing.schedulers.flow import FewStepSchedule
+
+HW = (8, 8)
+
+
+def _ctx(model, seed=3, batch=1):
+    return torch.randn(batch, model.config.text_len, model.config.text_dim, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("block,frames", [(1, 4), (3, 6), (2, 5)])
+def test_streaming_equals_cache_free_recomputation(tiny_model, block, frames):
+    """Truth: each KV-cached call == a block-causal forward (no cache) over [committed clean history; x]."""
+    calls = []
+    ctx = _ctx(tiny_model)
+    out = sample_causal(tiny_model, ctx, latent_hw=HW, num_frames=frames, config=StreamConfig(block_size=block),
+                        seed=0, trace=calls.append)
+    with torch.no_grad():
+        for c in (c for c in calls if c["kind"] == "denoise"):
+            f0 = c["start_frame"]
+            hist = out[:, :f0]
+            seq = torch.cat([hist, c["x"]], 1)
+            ts = torch.cat([torch.zeros(1, f0), c["t"]], 1)
+            ref = tiny_model(seq, ts, ctx, layout=BlockCausal(block))[:, f0:]
+            assert (ref - c["flow"]).abs().max() < 1e-5
+
+
+def test_call_counts_and_first_block_schedule(tiny_model):
+    ctx = _ctx(tiny_model)
+    calls = []
+    sched = FewStepSchedule.from_config([1000, 500], first_block=[1000, 750, 500, 250])
+    sample_causal(tiny_model, ctx, latent_hw=HW, num_frames=4, config=StreamConfig(schedule=sched), trace=calls.append)
+    kinds = [(c["kind"], c["block"]) for c in calls]
+    # block 0: 4 steps + commit; blocks 1, 2: 2 + commit; last block: 2 steps, commit skipped.
+    assert len(calls) == 5 + 3 + 3 + 2 and kinds[-1] == ("denoise", 3)
+    assert [float(c["t"][0, 0]) for c in calls if c["block"] == 1 and c["kind"] == "denoise"] == \
+        pytest.approx([1000.0, 833.3333], abs=1e-3)
+
+
+def test_seeded_noise_is_deterministic(tiny_model):
+    ctx = _ctx(tiny_model)
+    a = sample_causal(tiny_model, ctx, latent_hw=HW, num_frames=3, seed=5)
+    b = sample_causal(tiny_model, ctx, latent_hw=HW, num_frames=3, seed=5)
+    c = sample_causal(tiny_model, ctx, latent_hw=HW, num_frames=3, seed=6)
+    assert torch.equal(a, b) and (a - c).abs().max() > 1e-3
+
+
+def test_blocks_are_yielded_in_order_and_equal_whole_run(tiny_model):
+    ctx = _ctx(tiny_model)
+    stream = CausalStream(tiny_model, ctx, latent_hw=HW, num_frames=5, config=StreamConfig(block_size=2), seed=1)
+    blocks = list(stream)
+    assert [b.shape[1] for b in blocks] == [2, 2, 1]
+    whole = sample_causal(tiny_model, ctx, latent_hw=HW, num_frames=5, config=StreamConfig(block_size=2), seed=1)
+    assert torch.equal(torch.cat(blocks, 1), whole)
+
+
+def test_i2v_keeps_the_image_frame(tiny_model):
+    ctx = _ctx(tiny_model)
+    image = torch.randn(1, 1, 16, *HW)
+    calls = []
+    out = sample_causal(tiny_model, ctx, latent_hw=HW, num_frames=3, initial_latent=image, trace=calls.append)
+    assert torch.equal(out[:, :1], image) and out.shape[1] == 3
+    assert calls[0]["kind"] == "image" and calls[0]["start_frame"] == 0
+    assert calls[1]["start_frame"] == 1
+
+
+def test_window_larger_than_video_equals_plain_sampler(tiny_model):
+    ctx = _ctx(tiny_model)
+    plain = sample_causal(tiny_model, ctx, latent_hw=HW, num_frames=5, seed=2)
+    windowed = sample_causal(tiny_model, ctx, latent_hw=HW, num_frames=5, seed=2,
+                             config=StreamConfig(window_frames=8, sink_frames=1, sink_rope="rolling"))
+    assert torch.equal(plain, windowed)
+
+
+def test_unbounded_stream_keeps_memory_flat(tiny_model):
+    ctx = _ctx(tiny_model)
+    stream = CausalStream(tiny_model, ctx, latent_hw=HW, num_frames=None, seed=0,
+                          config=StreamConfig(window_frames=3, sink_frames=1, sink_rope="rolling"))
+    before = stream.cache.memory_bytes()
+    blocks = [stream.next_block() for _ in range(10)]
+    assert stream.cache.memory_bytes() == before and stream.frame == 10
+    assert all(torch.isfinite(b).all() for b in blocks)
+    with pytest.raises(ValueError, match="window"):
+        CausalStream(tiny_model, ctx, latent_hw=HW, num_frames=None)
+
+
+def test_prompt_switch_leaves_earlier_blocks_unchanged(tiny_model):
+    ctx, ctx2 = _ctx(tiny_model, 3), _ctx(tiny_model, 4)
+    base = list(CausalStream(tiny_model, ctx, latent_hw=HW, num_frames=4, seed=0))
+    s = CausalStream(tiny_model, ctx, latent_hw=HW, num_frames=4, seed=0)
+    switched = [s.next_block(), s.next_block()]
+    s.set_context(ctx2)
+    switched += list(s)
+    assert torch.equal(switched[0], base[0]) and torch.equal(switched[1], base[1])
+    assert (switched[2] - base[2]).abs().max() > 1e-3
+
+
+def test_replay_noise_validates():
+    r = ReplayNoise(torch.zeros(1, 2, 1, 1, 1), [torch.zeros(1, 1, 1, 1, 1)])
+    r.initial((1, 2, 1, 1, 1))
+    with pytest.raises(IndexError):
+        r.initial((1, 1, 1, 1, 1))
+    with pytest.raises(ValueError):
+        r.fresh((1, 2, 1, 1, 1))
+
+
+def test_context_noise_commit_draws_noise(tiny_model):
+    """commit_t > 0 noises the committed block (one extra draw per commit) and changes later blocks."""
+    ctx = _ctx(tiny_model)
+    clean = sample_causal(tiny_model, ctx, latent_hw=HW, num_frames=3, seed=0)
+    noisy = sample_causal(tiny_model, ctx, latent_hw=HW, num_frames=3, seed=0, config=StreamConfig(commit_t=100.0))
+    assert torch.equal(clean[:, 0], noisy[:, 0]) and (clean[:, 1:] - noisy[:, 1:]).abs().max() > 1e-4
