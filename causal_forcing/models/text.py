@@ -36,22 +36,22 @@ if TYPE_CHECKING:
     from transformers import UMT5Config, UMT5EncoderModel
 
 __all__ = [
-    "WAN_NEGATIVE_PROMPT",
+    "TEXT_ENCODER_KINDS",
     "UMT5_CHECKPOINT_NAME",
     "UMT5_TOKENIZER_DIR",
-    "TextEncoder",
-    "HFTokenEncoder",
-    "UMT5TextEncoder",
-    "MiniLMTextEncoder",
+    "WAN_NEGATIVE_PROMPT",
     "CachedTextEncoder",
+    "HFTokenEncoder",
+    "MiniLMTextEncoder",
+    "TextEncoder",
+    "UMT5TextEncoder",
+    "build_text_encoder",
     "clean_prompt",
-    "zero_beyond_length",
-    "umt5_xxl_config",
-    "wan_t5_key_map",
     "hf_to_wan_t5_state_dict",
     "load_wan_umt5",
-    "build_text_encoder",
-    "TEXT_ENCODER_KINDS",
+    "umt5_xxl_config",
+    "wan_t5_key_map",
+    "zero_beyond_length",
 ]
 
 #: Wan's default negative prompt (spec Appendix A), the unconditional prompt of every CFG in this project.
@@ -147,6 +147,12 @@ def zero_beyond_length(hidden: Tensor, attention_mask: Tensor) -> Tensor:
     return torch.where(keep[..., None], hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device))
 
 
+def _check_prompts(prompts: Any) -> None:
+    """Reject a bare string or non-string items (a bare string would be encoded character by character)."""
+    if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+        raise TypeError("prompts must be a list of str")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Generic transformers-backed encoder
 # ----------------------------------------------------------------------------------------------------------------
@@ -197,8 +203,7 @@ class HFTokenEncoder:
 
     def encode(self, prompts: list[str]) -> Tensor:
         """Embed ``prompts`` as ``[B, text_len, dim]`` in the model's dtype; padding positions are exactly 0."""
-        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
-            raise TypeError("prompts must be a list of str")
+        _check_prompts(prompts)
         input_ids, attention_mask = self.tokenize(prompts)
         with torch.no_grad():
             hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -220,8 +225,8 @@ _WAN_T5_BLOCK_KEYS = {
     "attn.o.weight": "layer.0.SelfAttention.o.weight",
     "pos_embedding.embedding.weight": "layer.0.SelfAttention.relative_attention_bias.weight",
     "norm2.weight": "layer.1.layer_norm.weight",
-    "ffn.gate.0.weight": "layer.1.DenseReluDense.wi_1.weight",
-    "ffn.fc1.weight": "layer.1.DenseReluDense.wi_0.weight",
+    "ffn.gate.0.weight": "layer.1.DenseReluDense.wi_0.weight",
+    "ffn.fc1.weight": "layer.1.DenseReluDense.wi_1.weight",
     "ffn.fc2.weight": "layer.1.DenseReluDense.wo.weight",
 }
 _WAN_T5_TOP_KEYS = {
@@ -241,21 +246,21 @@ def umt5_xxl_config(**overrides: Any) -> UMT5Config:
     """
     from transformers import UMT5Config
 
-    fields: dict[str, Any] = dict(
-        vocab_size=256384,
-        d_model=4096,
-        d_kv=64,
-        d_ff=10240,
-        num_layers=24,
-        num_heads=64,
-        relative_attention_num_buckets=32,
-        relative_attention_max_distance=128,
-        dropout_rate=0.1,
-        layer_norm_epsilon=1e-6,
-        feed_forward_proj="gated-gelu",
-        is_encoder_decoder=False,
-        use_cache=False,
-    )
+    fields: dict[str, Any] = {
+        "vocab_size": 256384,
+        "d_model": 4096,
+        "d_kv": 64,
+        "d_ff": 10240,
+        "num_layers": 24,
+        "num_heads": 64,
+        "relative_attention_num_buckets": 32,
+        "relative_attention_max_distance": 128,
+        "dropout_rate": 0.1,
+        "layer_norm_epsilon": 1e-6,
+        "feed_forward_proj": "gated-gelu",
+        "is_encoder_decoder": False,
+        "use_cache": False,
+    }
     fields.update(overrides)
     return UMT5Config(**fields)
 
@@ -333,13 +338,18 @@ def load_wan_umt5(
     return model.eval().requires_grad_(False)
 
 
+def _first_line(exc: BaseException) -> str:
+    """First line of an exception's message (its type name when the message is empty), for one-line errors."""
+    message = str(exc).strip()
+    return message.splitlines()[0] if message else type(exc).__name__
+
+
 def _read_state_dict(path: Path) -> Mapping[str, Tensor]:
     """``torch.load(weights_only=True)`` a plain state dict (memory-mapped when possible) or raise CheckpointError."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as exc:  # torch raises many types for truncated / foreign files
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"cannot read checkpoint {path}: {reason}") from exc
+        raise CheckpointError(f"cannot read checkpoint {path}: {_first_line(exc)}") from exc
     if not isinstance(state, Mapping):
         raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a state dict")
     return state
@@ -352,8 +362,7 @@ def _load_local_tokenizer(folder: Path) -> Any:
     try:
         return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"cannot load tokenizer from {folder}: {reason}") from exc
+        raise CheckpointError(f"cannot load tokenizer from {folder}: {_first_line(exc)}") from exc
 
 
 class UMT5TextEncoder(HFTokenEncoder):
@@ -435,7 +444,7 @@ class MiniLMTextEncoder(HFTokenEncoder):
         try:
             model = AutoModel.from_pretrained(str(folder), local_files_only=True, dtype=dtype)
         except (OSError, ValueError) as exc:
-            raise CheckpointError(f"cannot load MiniLM weights from {folder}: {type(exc).__name__}") from exc
+            raise CheckpointError(f"cannot load MiniLM weights from {folder}: {_first_line(exc)}") from exc
         max_positions = int(model.config.max_position_embeddings)
         if isinstance(text_len, int) and text_len > max_positions:
             raise ConfigError(f"text_len {text_len} exceeds MiniLM's {max_positions} positions")
@@ -486,6 +495,7 @@ class CachedTextEncoder:
 
     def encode(self, prompts: list[str]) -> Tensor:
         """Embed ``prompts`` like the wrapped encoder, encoding only prompts that are not cached."""
+        _check_prompts(prompts)
         found: dict[str, Tensor] = {}
         for prompt in prompts:
             if prompt in self._cache:
