@@ -13,16 +13,22 @@ Conventions
 Statelessness: diffusers' own `encode`/`decode` keep their temporal feature cache on the module
 (`_feat_map`, `_enc_feat_map`, reset by `clear_cache`). This adapter never uses those attributes; it calls the
 encoder/decoder sub-modules with a cache list it owns. A `WanVAE` is therefore safe to share between several
-`StreamingDecoder`s (and threads); each stream owns its cache. The flip side: diffusers' tiling, slicing and
-`apply_forward_hook` offloading hooks around `encode`/`decode` are not used.
+`StreamingDecoder`s; each stream owns its cache and nothing per-call is stored on the module. The flip side:
+diffusers' tiling, slicing and `apply_forward_hook` offloading hooks around `encode`/`decode` are not used.
+
+Streaming decode is exact: decoding block by block gives the same frames as decoding the whole video at once,
+with no frames to drop (the reference demo instead starts from an all-zero cache, gets 4 frames for the first
+latent frame and discards 3 of them, which does not reproduce the one-shot decode).
 """
 from __future__ import annotations
 
 import inspect
 import json
 import re
+from collections.abc import Callable, Mapping
+from itertools import pairwise
 from pathlib import Path
-from typing import Any, Callable, Mapping, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,18 +43,18 @@ from torch import nn
 from causal_forcing.errors import CheckpointError, ConfigError, InputError
 
 __all__ = [
-    "WanVAE",
     "StreamingDecoder",
+    "WanVAE",
     "build_autoencoder",
-    "load_wan_vae",
-    "read_state_dict",
-    "original_to_diffusers",
     "diffusers_to_original",
-    "load_image",
     "frames_to_pixels",
-    "pixels_to_frames",
-    "pixel_frames_for",
     "latent_frames_for",
+    "load_image",
+    "load_wan_vae",
+    "original_to_diffusers",
+    "pixel_frames_for",
+    "pixels_to_frames",
+    "read_state_dict",
 ]
 
 TEMPORAL_FACTOR = 4
@@ -57,8 +63,8 @@ TEMPORAL_FACTOR = 4
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
-PathLike = Union[str, Path]
-ImageSource = Union[PathLike, Image.Image]
+PathLike = str | Path
+ImageSource = PathLike | Image.Image
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -102,8 +108,8 @@ def _validate_config(config: Mapping[str, Any]) -> None:
         raise ConfigError(
             f"VAE config compresses time {temporal}x; only {TEMPORAL_FACTOR}x (two temporal levels) is supported"
         )
-    patch = config["patch_size"] or 1
-    if config["in_channels"] != 3 * patch * patch or config["out_channels"] != 3 * patch * patch:
+    patch = config.get("patch_size") or 1
+    if config.get("in_channels", 3) != 3 * patch * patch or config.get("out_channels", 3) != 3 * patch * patch:
         raise ConfigError(f"VAE config in/out_channels must be 3 * patch_size**2 = {3 * patch * patch} (RGB)")
 
 
@@ -132,7 +138,7 @@ class WanVAE(nn.Module):
     @property
     def patch_size(self) -> int:
         """Pixel patch folded into channels before the encoder (1 for Wan2.1)."""
-        return int(self.model.config.patch_size or 1)
+        return int(self.model.config.get("patch_size") or 1)
 
     @property
     def spatial_factor(self) -> int:
@@ -188,7 +194,7 @@ class WanVAE(nn.Module):
         bounds = [0, 1, *range(1 + TEMPORAL_FACTOR, x.shape[2] + 1, TEMPORAL_FACTOR)]
         chunks = [
             self.model.encoder(x[:, :, start:stop], feat_cache=cache, feat_idx=[0])
-            for start, stop in zip(bounds[:-1], bounds[1:])
+            for start, stop in pairwise(bounds)
         ]
         moments = self.model.quant_conv(torch.cat(chunks, dim=2))
         mu = moments[:, : self.latent_channels]
@@ -203,7 +209,7 @@ class WanVAE(nn.Module):
         return self.encode(image.unsqueeze(1))
 
     # ---- decode ---------------------------------------------------------------------------------------------
-    def streaming_decoder(self) -> "StreamingDecoder":
+    def streaming_decoder(self) -> StreamingDecoder:
         """A fresh block-by-block decoder; it owns its feature cache, this VAE stays shared and stateless."""
         return StreamingDecoder(self)
 
@@ -282,7 +288,8 @@ class StreamingDecoder:
 # ---------------------------------------------------------------------------------------------------------------
 # Building and weight loading
 # ---------------------------------------------------------------------------------------------------------------
-def build_autoencoder(config: Mapping[str, Any] | None = None, *, device: str | torch.device = "cpu") -> AutoencoderKLWan:
+def build_autoencoder(config: Mapping[str, Any] | None = None, *,
+                      device: str | torch.device = "cpu") -> AutoencoderKLWan:
     """Instantiate an `AutoencoderKLWan` (random weights; `device="meta"` for none).
 
     `config` holds `AutoencoderKLWan` init arguments (a diffusers `config.json` works: keys starting with `_` are
@@ -297,6 +304,13 @@ def build_autoencoder(config: Mapping[str, Any] | None = None, *, device: str | 
         return AutoencoderKLWan(**config)
 
 
+def _short_reason(error: BaseException) -> str:
+    """Exception type and the first sentence of its message, on one line."""
+    lines = str(error).strip().splitlines()
+    sentence = lines[0].split(". ")[0].rstrip(".")[:200] if lines else ""
+    return f"{type(error).__name__}: {sentence}" if sentence else type(error).__name__
+
+
 def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
     """Read a flat tensor state dict from `.safetensors` or a torch file (`torch.load(weights_only=True)`)."""
     path = Path(path)
@@ -308,9 +322,8 @@ def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch/safetensors raise many types for corrupt or truncated files
-        detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise CheckpointError(f"cannot read VAE weights {path} (corrupt or truncated?): "
-                              f"{type(error).__name__}: {detail}") from error
+        raise CheckpointError(f"cannot read VAE weights {path} (corrupt, truncated or not tensors-only): "
+                              f"{_short_reason(error)}") from error
     if not isinstance(state, Mapping) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
@@ -320,7 +333,8 @@ def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
 
 def _require_wan21_layout(config: Mapping[str, Any]) -> None:
     """The original Wan key layout (and diffusers' converter for it) exists for the Wan2.1 structure only."""
-    if config["is_residual"] or config["attn_scales"] or config["num_res_blocks"] != 2 or len(config["dim_mult"]) != 4:
+    wan21 = not config.get("is_residual", False) and not config["attn_scales"]
+    if not wan21 or config["num_res_blocks"] != 2 or len(config["dim_mult"]) != 4:
         raise ConfigError(
             "the original Wan VAE key layout needs a Wan2.1-structured config "
             "(is_residual=False, attn_scales=[], num_res_blocks=2, 4 levels)"
