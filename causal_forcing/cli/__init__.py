@@ -17,6 +17,7 @@ from ..errors import CausalForcingError
 COMMAND_MODULES = (
     "causal_forcing.cli.data",
     "causal_forcing.cli.eval",
+    "causal_forcing.cli.train",
 )
 
 
@@ -42,7 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may come after options (argparse cannot intermix them with a positional list)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = list(args.overrides) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         rc = args.func(args)
     except CausalForcingError as e:

@@ -1,0 +1,285 @@
+"""ShapesBench (`shapesbench-v1`): the judge against clips with a known answer, file handling and the CLIs."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from causal_forcing.cli import main
+from causal_forcing.data import shapes, shapes_io
+from causal_forcing.errors import InputError
+from causal_forcing.eval import shapesbench as sb
+
+SEMANTIC = ("color", "shape", "size", "motion")
+OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
+N_CLIPS = 40
+
+
+@pytest.fixture(scope="module")
+def gt_specs() -> list[shapes.ClipSpec]:
+    """Ground truth for the first 40 standard prompts plus all 20 held-out ones, at 32 px / 33 frames."""
+    prompts = shapes.standard_eval_prompts()
+    chosen = list(prompts[:N_CLIPS]) + [p for p in prompts[N_CLIPS:] if p.held_out]
+    return [shapes.clip_for_caption(p.caption, p.seed, 32, 33) for p in chosen]
+
+
+def _with_object(spec: shapes.ClipSpec, i: int, obj: shapes.ObjectParams) -> shapes.ClipSpec:
+    objects = list(spec.objects)
+    objects[i] = obj
+    return dataclasses.replace(spec, objects=tuple(objects))
+
+
+# --------------------------------------------------------------------------------------- known answers
+def test_ground_truth_scores_at_least_098_on_every_semantic_metric(gt_specs):
+    results = [sb.score_clip(shapes.render(s), s.caption) for s in gt_specs]
+    rep = sb.report(results)
+    n_held_in_first = sum(s.held_out for s in gt_specs[:N_CLIPS])
+    assert rep["held_out"]["n"] == 20 and rep["in_distribution"]["n"] == N_CLIPS - n_held_in_first
+    for split in ("in_distribution", "held_out"):
+        for key in SEMANTIC + ("all_correct",):
+            assert rep[split][key] >= 0.98, (split, key)
+        assert rep[split]["quality"] >= 0.98
+        assert 0.8 < rep[split]["speed_ratio"] < 1.2
+    # Totals follow the contract's formulas.
+    t = rep["all"]
+    assert t["semantic"] == pytest.approx(np.mean([t[k] for k in SEMANTIC]))
+    assert t["quality"] == pytest.approx(np.mean([t["cleanliness"], t["consistency"], t["smoothness"]]))
+    assert t["total"] == pytest.approx((4 * t["quality"] + t["semantic"]) / 5)
+
+
+def test_ground_truth_at_64px_81_frames():
+    prompts = shapes.standard_eval_prompts()[100:112]
+    results = [sb.score_clip(shapes.render(shapes.clip_for_caption(p.caption, p.seed)), p.caption) for p in prompts]
+    assert all(r["all_correct"] == 1.0 for r in results)
+
+
+def test_black_and_noise_score_near_zero(gt_specs):
+    rng = np.random.default_rng(0)
+    black = np.zeros((33, 32, 32, 3), np.uint8)
+    noise = rng.integers(0, 256, (33, 32, 32, 3), dtype=np.uint8)
+    for video in (black, noise):
+        rep = sb.summarize(sb.score_clip(video, s.caption) for s in gt_specs[:20])
+        for key in SEMANTIC + ("all_correct", "consistency", "smoothness"):
+            assert rep[key] <= 0.02, key
+        assert rep["speed_ratio"] <= 0.02
+    noise_rep = sb.summarize(sb.score_clip(noise, s.caption) for s in gt_specs[:20])
+    assert noise_rep["cleanliness"] == 0.0 and noise_rep["total"] <= 0.02
+    black_rep = sb.summarize(sb.score_clip(black, s.caption) for s in gt_specs[:20])
+    assert black_rep["cleanliness"] == 1.0 and black_rep["total"] <= 0.27  # clean, but nothing is there
+
+
+def test_swapping_one_color_loses_exactly_color(gt_specs):
+    for spec in gt_specs[:20]:
+        used = {a.color for a in spec.attrs}
+        new_color = next(c for c in shapes.COLORS if c not in used)
+        obj = spec.objects[0]
+        swapped = _with_object(spec, 0, dataclasses.replace(obj, attrs=dataclasses.replace(obj.attrs,
+                                                                                           color=new_color)))
+        before = sb.score_clip(shapes.render(spec), spec.caption)
+        after = sb.score_clip(shapes.render(swapped), spec.caption)
+        assert after["color"] == pytest.approx(before["color"] - 1 / len(spec.objects))
+        for key in ("shape", "size", "motion"):
+            assert after[key] == before[key], (spec.caption, key)
+        assert before["all_correct"] == 1.0 and after["all_correct"] == 0.0
+
+
+def test_reversing_one_motion_loses_exactly_motion(gt_specs):
+    checked = 0
+    for spec in gt_specs:
+        movers = [i for i, a in enumerate(spec.attrs) if a.motion != "still"]
+        if not movers:
+            continue
+        i = movers[0]
+        obj = spec.objects[i]
+        dx, dy = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}[obj.attrs.motion]
+        travel = obj.speed * (shapes.NO_BOUNCE_FRAMES - 1)  # start where the original is at frame 15
+        reversed_obj = dataclasses.replace(
+            obj, attrs=dataclasses.replace(obj.attrs, motion=OPPOSITE[obj.attrs.motion]),
+            x0=obj.x0 + dx * travel, y0=obj.y0 + dy * travel)
+        before = sb.score_clip(shapes.render(spec), spec.caption)
+        after = sb.score_clip(shapes.render(_with_object(spec, i, reversed_obj)), spec.caption)
+        assert after["objects"][i]["motion"] == 0.0 and before["objects"][i]["motion"] == 1.0
+        assert after["motion"] == pytest.approx(before["motion"] - 1 / len(spec.objects))
+        for key in ("color", "shape", "size"):
+            assert after[key] == before[key], (spec.caption, key)
+        assert after["all_correct"] == 0.0
+        checked += 1
+    assert checked >= 20
+
+
+def test_frozen_video_fails_motion_for_moving_captions(gt_specs):
+    for spec in gt_specs[:N_CLIPS]:
+        video = shapes.render(spec)
+        frozen = np.repeat(video[:1], video.shape[0], axis=0)
+        result = sb.score_clip(frozen, spec.caption)
+        for attrs, obj in zip(spec.attrs, result["objects"]):
+            if attrs.motion != "still":
+                assert obj["motion"] == 0.0
+            elif obj["matched_color"] is not None:
+                assert obj["motion"] == 1.0
+        if any(a.motion != "still" for a in spec.attrs):
+            assert result["all_correct"] == 0.0 and result["speed_ratio"] == 0.0
+
+
+def test_hand_drawn_clip_is_read_correctly():
+    # Independent of the renderer: a 13-px square sliding right 1 px/frame, a 20-px disc standing still.
+    t_count, size = 33, 64
+    video = np.zeros((t_count, size, size, 3), np.uint8)
+    yy, xx = np.mgrid[0:20, 0:20] + 0.5
+    disc = (yy - 10) ** 2 + (xx - 10) ** 2 <= 100
+    for t in range(t_count):
+        video[t, 5:18, 3 + t:16 + t] = (220, 40, 40)
+        video[t, 40:60, 40:60][disc] = (40, 90, 230)
+    result = sb.score_clip(video, "a small red square moving right and a big blue circle standing still")
+    assert result["all_correct"] == 1.0
+    red = result["objects"][0]["measured"]
+    assert red["velocity"][0] == pytest.approx(1 / 64) and red["side"] == pytest.approx(13 / 64)
+    assert result["speed_ratio"] == pytest.approx((1 / 64) / 0.0225)
+    assert result["smoothness"] == 1.0 and result["consistency"] == 1.0
+    wrong = sb.score_clip(video, "a big red triangle moving left and a small blue square standing still")
+    assert (wrong["shape"], wrong["size"], wrong["motion"], wrong["color"]) == (0.0, 0.0, 0.5, 1.0)
+
+
+def test_jitter_and_artifacts_lower_quality_only(gt_specs):
+    spec = next(s for s in gt_specs if len(s.objects) == 1 and s.attrs[0].motion != "still")
+    video = shapes.render(spec)
+    rng = np.random.default_rng(1)
+    jittered = np.stack([np.roll(f, tuple(rng.integers(-2, 3, 2)), axis=(0, 1)) for f in video])
+    assert sb.score_clip(jittered, spec.caption)["smoothness"] < 0.9
+    speckled = video.copy()
+    hit = rng.random(video.shape[:3]) < 0.02
+    speckled[hit] = (128, 128, 128)  # 2% gray pixels: farther than 60 from every palette color and black
+    result = sb.score_clip(speckled, spec.caption)
+    assert result["cleanliness"] == pytest.approx(1 - hit.mean() / 0.05)
+    assert result["semantic"] == 1.0
+
+
+def test_classification_matches_brute_force():
+    rng = np.random.default_rng(2)
+    frames = rng.integers(0, 256, (4, 24, 24, 3), dtype=np.uint8)
+    frames[0] = rng.integers(0, 70, (24, 24, 3))
+    cls, artifact_fraction = sb.classify(frames)
+    palette = np.array([(0, 0, 0)] + [shapes.COLORS[c] for c in shapes.COLORS])
+    d = np.sqrt(((frames.reshape(-1, 1, 3).astype(float) - palette[None]) ** 2).sum(-1))
+    expected = np.where(d.min(axis=1) > 60, -1, d.argmin(axis=1))
+    assert np.array_equal(cls.ravel(), expected)
+    assert artifact_fraction == pytest.approx((expected == -1).mean())
+
+
+def test_paraphrased_caption_scores_like_canonical(gt_specs):
+    spec = gt_specs[1]
+    video = shapes.render(spec)
+    para = shapes.paraphrase(spec.attrs, np.random.Generator(np.random.PCG64(3)))
+    assert sb.score_clip(video, para)["total"] == sb.score_clip(video, spec.caption)["total"]
+
+
+@pytest.mark.parametrize("bad", [np.zeros((16, 32, 32, 3), np.uint8), np.zeros((17, 32, 40, 3), np.uint8),
+                                 np.zeros((17, 32, 32, 3), np.float32), np.zeros((17, 32, 32), np.uint8)])
+def test_bad_frames_rejected(bad):
+    with pytest.raises(InputError):
+        sb.score_clip(bad, "a small red circle standing still")
+
+
+# ------------------------------------------------------------------------------------------------ files
+def _write_manifest(path: Path, entries: list[tuple[str, str]]) -> None:
+    path.write_text("".join(json.dumps({"file": f, "caption": c}) + "\n" for f, c in entries))
+
+
+def test_corrupt_truncated_and_missing_files_are_reported_per_clip(tmp_path, gt_specs):
+    specs = gt_specs[:3]
+    good = shapes.render(specs[0])
+    shapes_io.save_clip(tmp_path / "good.npz", good)
+    shapes_io.save_clip(tmp_path / "full.npz", shapes.render(specs[1]))
+    data = (tmp_path / "full.npz").read_bytes()
+    (tmp_path / "truncated.npz").write_bytes(data[: len(data) // 2])
+    (tmp_path / "garbage.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 4)
+    shapes_io.save_mp4(tmp_path / "whole.mp4", shapes.render(specs[2]), pix_fmt="yuv444p")
+    mp4 = (tmp_path / "whole.mp4").read_bytes()
+    (tmp_path / "cut.mp4").write_bytes(mp4[: len(mp4) // 3])
+    shapes_io.save_clip(tmp_path / "short.npz", good[:9])
+    np.save(tmp_path / "floats.npy", good.astype(np.float32))
+    _write_manifest(tmp_path / "m.jsonl", [
+        ("good.npz", specs[0].caption), ("truncated.npz", specs[1].caption), ("garbage.mp4", specs[2].caption),
+        ("cut.mp4", specs[2].caption), ("short.npz", specs[0].caption), ("floats.npy", specs[0].caption),
+        ("missing.npz", specs[0].caption), ("whole.mp4", "a small red hexagon standing still"),
+    ])
+    rep = sb.score_videos(tmp_path, tmp_path / "m.jsonl")
+    assert [c["file"] for c in rep["clips"]] == ["good.npz"]
+    assert rep["clips"][0]["all_correct"] == 1.0
+    errors = {e["file"]: e["error"] for e in rep["errors"]}
+    assert set(errors) == {"truncated.npz", "garbage.mp4", "cut.mp4", "short.npz", "floats.npy", "missing.npz",
+                           "whole.mp4"}
+    assert rep["n_errors"] == 7
+    assert "not found" in errors["missing.npz"] and "hexagon" in errors["whole.mp4"]
+    assert "full.npz" in rep["unmatched_files"]
+
+
+def test_mp4_videos_match_manifest_by_stem(tmp_path, gt_specs):
+    specs = gt_specs[:6]
+    entries = []
+    for i, spec in enumerate(specs):
+        pix_fmt = "rgb24" if i % 2 else "yuv444p"
+        shapes_io.save_mp4(tmp_path / f"eval_{i:03d}.mp4", shapes.render(spec), pix_fmt=pix_fmt,
+                           crf=0 if pix_fmt == "rgb24" else 18)
+        entries.append((f"eval_{i:03d}.npz", spec.caption))  # the manifest of the .npz ground truth
+    _write_manifest(tmp_path / shapes_io.MANIFEST_NAME, entries)
+    rep = sb.score_videos(tmp_path)
+    assert rep["n_errors"] == 0 and rep["all"]["n"] == 6
+    for key in SEMANTIC:
+        assert rep["all"][key] >= 0.98
+    lossless = shapes_io.load_clip(tmp_path / "eval_001.mp4")
+    assert np.array_equal(lossless, shapes.render(specs[1]))
+
+
+def test_missing_manifest_is_a_clear_error(tmp_path):
+    shapes_io.save_clip(tmp_path / "a.npz", np.zeros((17, 32, 32, 3), np.uint8))
+    with pytest.raises(InputError, match="manifest"):
+        sb.score_videos(tmp_path)
+    with pytest.raises(InputError, match="not found"):
+        sb.score_videos(tmp_path / "nope")
+    (tmp_path / "bad.jsonl").write_text('{"file": "a.npz"}\n')
+    with pytest.raises(InputError, match="caption"):
+        sb.score_videos(tmp_path, tmp_path / "bad.jsonl")
+
+
+# -------------------------------------------------------------------------------------------------- CLI
+def test_cli_generate_and_evaluate(tmp_path, capsys):
+    train = tmp_path / "train"
+    assert main(["data", "shapes", "--out", str(train), "--num", "6", "--size", "32", "--frames", "17",
+                 "--seed", "4", "--workers", "2"]) == 0
+    assert len(shapes_io.read_manifest(train / shapes_io.MANIFEST_NAME)) == 6
+    evalset = tmp_path / "eval"
+    assert main(["data", "shapes", "--out", str(evalset), "--eval-set", "--size", "32", "--frames", "17"]) == 0
+    capsys.readouterr()
+    report_path = tmp_path / "report.json"
+    assert main(["eval", "shapes", "--videos", str(evalset), "--json", str(report_path)]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    summary = json.loads(out[-1])
+    assert summary["judge"] == "shapesbench-v1" and summary["n_errors"] == 0
+    assert summary["in_distribution"]["n"] == 180 and summary["held_out"]["n"] == 20
+    for split in ("in_distribution", "held_out"):
+        for key in ("semantic", "quality", "total", "all_correct") + SEMANTIC + ("speed_ratio",):
+            assert key in summary[split]
+        assert summary[split]["semantic"] >= 0.98
+    assert any(line.startswith("held-out") for line in out)
+    full = json.loads(report_path.read_text())
+    assert len(full["clips"]) == 200 and math.isclose(full["all"]["total"], summary["in_distribution"]["total"],
+                                                      rel_tol=0.05)
+
+
+@pytest.mark.parametrize("argv", [
+    ["data", "shapes", "--out", "{tmp}/x", "--num", "3", "--frames", "80"],
+    ["data", "shapes", "--out", "{tmp}/x", "--num", "3", "--size", "16", "--frames", "17"],
+    ["data", "shapes", "--out", "{tmp}/x", "--frames", "17"],
+    ["data", "shapes", "--out", "{tmp}/x", "--eval-set", "--num", "5"],
+    ["data", "shapes", "--out", "{tmp}/x", "--num", "2", "--frames", "17", "--seed", "-3"],
+    ["eval", "shapes", "--videos", "{tmp}/missing"],
+])
+def test_cli_bad_arguments_exit_2_with_one_line(tmp_path, capsys, argv):
+    assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("causal-forcing ") and "error:" in err and len(err.splitlines()) == 1
