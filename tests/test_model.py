@@ -243,3 +243,16 @@ def test_backend_validation():
     q = torch.randn(1, 4, 1, 8)
     with pytest.raises(ValueError, match="unknown attention backend"):
         attention(q, q, q, None, "xformers")
+
+
+@torch.no_grad()
+def test_bf16_forward_tracks_fp32(tiny_model):
+    """Half-precision weights run on CPU (norms computed in fp32) and stay close to the fp32 output."""
+    x, t, ctx = _inputs(tiny_model, 3)
+    ref = tiny_model(x, t, ctx, layout=BlockCausal(1))
+    half = WanDiT(tiny_model.config)
+    half.load_state_dict(tiny_model.state_dict())
+    half = half.to(torch.bfloat16).eval()
+    out = half(x, t, ctx, layout=BlockCausal(1))
+    assert out.dtype == torch.bfloat16
+    assert ((out.float() - ref).norm() / ref.norm()) < 0.05

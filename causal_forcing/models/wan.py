@@ -51,7 +51,9 @@ class LayerNorm(nn.LayerNorm):
     """LayerNorm computed in float32 (optionally affine), cast back to the input dtype."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x.float()).type_as(x)
+        w = self.weight.float() if self.weight is not None else None
+        b = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).type_as(x)
 
 
 class SelfAttention(nn.Module):
