@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from ..errors import InputError
 
 FORMAT = "cf-latents-v1"
-_SHARD_RE = re.compile(r"^shard-(\d{5,})\.safetensors$")
+_SHARD_RE = re.compile(r"^shard-(?:r(\d+)-)?(\d{5,})\.safetensors$")
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
@@ -53,8 +53,12 @@ class LatentWriter:
     """
 
     def __init__(self, folder: str | Path, *, kind: str = "latents", shard_size: int = 64,
-                 dtype: torch.dtype = torch.float16, meta: dict[str, Any] | None = None):
+                 dtype: torch.dtype = torch.float16, meta: dict[str, Any] | None = None,
+                 writer_id: int | None = None):
+        """``writer_id`` names this writer's shards (``shard-r{id}-NNNNN``) so several processes can fill one
+        folder at once; ``done_ids`` always covers every writer's shards."""
         self.folder = Path(folder)
+        self.writer_id = writer_id
         self.folder.mkdir(parents=True, exist_ok=True)
         self.kind = kind
         self.shard_size = shard_size
@@ -71,7 +75,9 @@ class LatentWriter:
         for path in _shards(self.folder):
             for rec in _read_records(path):
                 self.done_ids.add(str(rec.get("id")))
-            self._next_shard = max(self._next_shard, int(_SHARD_RE.match(path.name).group(1)) + 1)
+            m = _SHARD_RE.match(path.name)
+            if (None if m.group(1) is None else int(m.group(1))) == writer_id:
+                self._next_shard = max(self._next_shard, int(m.group(2)) + 1)
         self._buf: list[tuple[torch.Tensor, torch.Tensor | None, dict]] = []
 
     def add(self, latents: torch.Tensor, record: dict[str, Any], context: torch.Tensor | None = None) -> None:
@@ -91,7 +97,8 @@ class LatentWriter:
         if all(b[1] is not None for b in self._buf):
             tensors["context"] = torch.stack([b[1] for b in self._buf]).to(self.dtype)
         records = [b[2] for b in self._buf]
-        path = self.folder / f"shard-{self._next_shard:05d}.safetensors"
+        tag = "" if self.writer_id is None else f"r{self.writer_id}-"
+        path = self.folder / f"shard-{tag}{self._next_shard:05d}.safetensors"
         _atomic_save(tensors, path, {"format": FORMAT, "records": json.dumps(records)})
         self._next_shard += 1
         self._buf.clear()

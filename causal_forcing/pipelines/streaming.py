@@ -42,10 +42,16 @@ class NoiseSource(Protocol):
 class SeededNoise:
     """All noise of a stream from one seeded generator, drawn in call order."""
 
-    def __init__(self, seed: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(self, seed: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 generator: torch.Generator | None = None):
         self.device = torch.device(device)
         self.dtype = dtype
-        self.generator = torch.Generator(device=self.device).manual_seed(int(seed))
+        self.generator = generator or torch.Generator(device=self.device).manual_seed(int(seed))
+
+    @classmethod
+    def from_generator(cls, generator: torch.Generator, dtype: torch.dtype = torch.float32) -> "SeededNoise":
+        """Draw from an existing generator (e.g. a trainer's, whose state is checkpointed)."""
+        return cls(0, generator.device, dtype, generator=generator)
 
     def _draw(self, shape: tuple[int, ...]) -> Tensor:
         return torch.randn(shape, generator=self.generator, device=self.device, dtype=self.dtype)
@@ -166,8 +172,12 @@ class CausalStream:
 
     def __init__(self, model: WanDiT, context: Tensor, *, latent_hw: tuple[int, int],
                  num_frames: int | None, config: StreamConfig | None = None, noise: NoiseSource | None = None,
-                 seed: int = 0, initial_latent: Tensor | None = None, trace: TraceFn | None = None):
+                 seed: int = 0, initial_latent: Tensor | None = None, trace: TraceFn | None = None,
+                 exit_steps: Callable[[int], int] | None = None, grad_exit: bool = False):
         self.model = model
+        # Self-forcing rollouts (training): stop block b after step exit_steps(b), with gradient on that step.
+        self.exit_steps = exit_steps
+        self.grad_exit = grad_exit
         self.cfg = config or StreamConfig()
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
@@ -209,14 +219,13 @@ class CausalStream:
         while not self.done:
             yield self.next_block()
 
-    @torch.no_grad()
     def next_block(self) -> Tensor:
-        """Produce the next finished latent block [B, n, C, H, W]."""
+        """Produce the next finished latent block [B, n, C, H, W] (with gradient only for ``grad_exit``)."""
         if self.done:
             raise StopIteration
         self._flush_commit()
         if self.frame == 0 and self.initial_latent is not None:
-            img = self.initial_latent.to(self.device, self.dtype)
+            img = self.initial_latent.to(self.device, self.dtype).detach()
             commit_block(self.model, img, context=self.context, cache=self.cache, start_frame=0,
                          t=0.0, trace=self.trace, block=-1, kind="image")
             self.frame = img.shape[1]
@@ -225,9 +234,10 @@ class CausalStream:
         C = self.model.config.in_dim
         shape = (self.batch_size, n, C, *self.latent_hw)
         x = self.noise.initial(shape).to(self.device, self.dtype)
+        exit_step = self.exit_steps(self.block) if self.exit_steps is not None else None
         x0 = denoise_block(self.model, x, self.cfg.schedule.for_block(self.block), self.cfg.schedule,
                            context=self.context, cache=self.cache, start_frame=self.frame, noise=self.noise,
-                           trace=self.trace, block=self.block)
+                           exit_step=exit_step, grad_exit=self.grad_exit, trace=self.trace, block=self.block)
         start = self.frame
         self.frame += n
         self.block += 1

@@ -51,7 +51,7 @@ class DiffusionStage:
         self.data = tr.add_stream("data", BatchStream(LatentDataset(cfg.data.path), cfg.data.batch_size,
                                                       seed=cfg.train.seed, shuffle=cfg.data.shuffle,
                                                       rank=tr.dist.rank, world_size=tr.dist.world_size))
-        self.cond = Conditioner(tr)
+        self.cond = Conditioner(cfg.data, tr.device)
 
     def step(self, tr: Any) -> dict[str, float]:
         s = tr.cfg.stage

@@ -29,9 +29,9 @@ class Conditioner:
     text encoder (cached per prompt). The negative / unconditional embedding is the encoded negative prompt,
     or zeros for stored embeddings."""
 
-    def __init__(self, trainer: Any):
-        self.device = trainer.device
-        d = trainer.cfg.data
+    def __init__(self, data_cfg: Any, device: torch.device):
+        self.device = device
+        d = data_cfg
         self.kind = d.text_encoder
         self.negative_prompt = d.negative_prompt
         self.encoder = None

@@ -12,8 +12,8 @@ so a run killed at any moment resumes from the last complete checkpoint and prod
 uninterrupted run.
 
 Distributed: launched with torchrun, the trainer initialises the process group (NCCL on CUDA, gloo on CPU)
-and wraps trainable networks in DDP or FSDP2 (``torch.distributed.fsdp.fully_shard``, one unit per
-transformer block). FSDP checkpoints are per-rank shards (resume with the same world size); exports gather
+and wraps trainable networks for data parallelism (gradients averaged across ranks after each backward) or FSDP2
+(``torch.distributed.fsdp.fully_shard``, one unit per transformer block). FSDP checkpoints are per-rank shards (resume with the same world size); exports gather
 full weights.
 """
 from __future__ import annotations
@@ -216,9 +216,13 @@ class Trainer:
         if self.dist.world_size == 1 or self.distributed == "none":
             return module
         if self.distributed == "ddp":
-            from torch.nn.parallel import DistributedDataParallel as DDP
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            return DDP(module, device_ids=ids, find_unused_parameters=False)
+            # Data parallel by explicit gradient averaging (see ``optimize``) rather than the DDP wrapper: a
+            # self-forcing rollout makes several forwards with gradient per update, which DDP's reducer
+            # does not allow. Every rank starts from rank 0's weights.
+            with torch.no_grad():
+                for t in list(module.parameters()) + list(module.buffers()):
+                    dist.broadcast(t.data, src=0)
+            return module
         from torch.distributed.fsdp import fully_shard
         for block in getattr(module, "blocks", []):
             fully_shard(block)
@@ -240,6 +244,10 @@ class Trainer:
         else:
             loss.backward()
         params = [p for p in tr.raw.parameters() if p.grad is not None]
+        if self.distributed == "ddp" and self.dist.world_size > 1:
+            for p in params:
+                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+                p.grad.div_(self.dist.world_size)
         if tr.grad_clip > 0:
             gn = torch.nn.utils.clip_grad_norm_(params, tr.grad_clip)
         else:
