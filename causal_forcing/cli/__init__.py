@@ -18,6 +18,9 @@ COMMAND_MODULES = (
     "causal_forcing.cli.data",
     "causal_forcing.cli.eval",
     "causal_forcing.cli.train",
+    "causal_forcing.cli.generate",
+    "causal_forcing.cli.info",
+    "causal_forcing.cli.bench",
 )
 
 

@@ -291,6 +291,11 @@ class Trainer:
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
 
+    def _rank_state(self) -> dict[str, Any]:
+        """What differs between data-parallel ranks: random generators and data positions."""
+        return {"step": self.step, "rng": self._rng_state(),
+                "streams": {n: s.state_dict() for n, s in self.streams.items()}}
+
     def _state(self) -> dict[str, Any]:
         nets = {}
         for name, tr in self.trainables.items():
@@ -317,9 +322,9 @@ class Trainer:
         if self.dist.is_main:
             folder.mkdir(parents=True, exist_ok=True)
         self._barrier()
-        if sharded or self.dist.is_main:
-            state = self._state() if sharded or self.dist.is_main else None
-            _atomic_torch_save(state, folder / f"rank-{self.dist.rank}.pt")
+        # rank 0 (or every rank under FSDP) writes the full state; other data-parallel ranks their RNG/data.
+        state = self._state() if sharded or self.dist.is_main else self._rank_state()
+        _atomic_torch_save(state, folder / f"rank-{self.dist.rank}.pt")
         self._barrier()
         if self.dist.is_main:
             _fsync_dir(folder)
@@ -343,13 +348,12 @@ class Trainer:
 
     def load_checkpoint(self, folder: Path) -> None:
         sharded = self.distributed == "fsdp" and self.dist.world_size > 1
-        path = folder / f"rank-{self.dist.rank if sharded else 0}.pt"
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise CheckpointError(f"checkpoint shard missing: {path}") from None
-        except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"checkpoint {path} is unreadable: {str(e).splitlines()[0]}") from None
+        state = _read_state(folder / f"rank-{self.dist.rank if sharded else 0}.pt")
+        if not sharded and self.dist.world_size > 1:
+            if state.get("world_size", 1) != self.dist.world_size:
+                raise CheckpointError(f"checkpoint was written by {state.get('world_size', 1)} ranks; "
+                                      f"resume with the same number")
+            state.update(_read_state(folder / f"rank-{self.dist.rank}.pt") if self.dist.rank else {})
         if sharded and state["world_size"] != self.dist.world_size:
             raise CheckpointError(f"checkpoint was written by {state['world_size']} ranks; resume with the same number")
         self.step = int(state["step"])
@@ -444,6 +448,15 @@ class Trainer:
         return self.export()
 
 
+def _read_state(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint shard missing: {path}") from None
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"checkpoint {path} is unreadable: {str(e).splitlines()[0]}") from None
+
+
 def _localize(obj: Any) -> Any:
     if isinstance(obj, torch.Tensor):
         return _local(obj).detach().clone()
@@ -465,7 +478,8 @@ def _load_optimizer(opt: torch.optim.Optimizer, state: dict) -> None:
             st = opt.state.get(p, {})
             for k, v in list(st.items()):
                 if isinstance(v, torch.Tensor) and not isinstance(v, DTensor) and v.dim() > 0:
-                    st[k] = DTensor.from_local(v.to(_local(p).device), p.device_mesh, p.placements)
+                    st[k] = DTensor.from_local(v.to(_local(p).device), p.device_mesh, p.placements,
+                                               shape=p.shape, stride=p.stride())
 
 
 class MetricsLog:
