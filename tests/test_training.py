@@ -140,3 +140,23 @@ def test_batch_stream_resume(dataset):
     ids0 = {r["id"] for r in r0.next()["records"] + r0.next()["records"]}
     ids1 = {r["id"] for r in r1.next()["records"] + r1.next()["records"]}
     assert not ids0 & ids1
+
+
+STAGE_OF = {"ar_diffusion": "ar-diffusion", "ode_data": "ode-data", "causal_ode": "causal-ode",
+            "causal_cd": "causal-cd", "causal_forcing_dmd": "dmd", "bidirectional": "bidirectional"}
+
+
+@pytest.mark.parametrize("path", sorted(p for p in Path(__file__).parents[1].glob("configs/*/*.yaml")
+                                        if not p.name.startswith("_") and p.parent.name != "shapes"
+                                        or p.name in ("bidirectional.yaml",)), ids=lambda p: p.name)
+def test_shipped_configs_validate(path):
+    stage = next(v for k, v in STAGE_OF.items() if path.stem.startswith(k))
+    cfg = load_stage_config(stage, path)
+    assert cfg.train.max_steps >= 1
+
+
+def test_config_include_and_override(tmp_path):
+    (tmp_path / "base.yaml").write_text("optim:\n  lr: 0.5\ntrain:\n  max_steps: 7\n")
+    (tmp_path / "child.yaml").write_text("include: base.yaml\noptim:\n  lr: 0.25\n")
+    cfg = load_stage_config("ar-diffusion", tmp_path / "child.yaml", ["train.seed=3"])
+    assert (cfg.optim.lr, cfg.train.max_steps, cfg.train.seed) == (0.25, 7, 3)

@@ -37,7 +37,12 @@ class Conditioner:
         self.encoder = None
         if self.kind != "dataset":
             from ..models.text import build_text_encoder
-            self.encoder = build_text_encoder(self.kind, device=str(self.device))
+            kw: dict[str, Any] = {"device": str(self.device)}
+            if d.text_len:
+                kw["text_len"] = d.text_len
+            if d.text_encoder_path:
+                kw["folder" if self.kind == "umt5" else "model_path"] = d.text_encoder_path
+            self.encoder = build_text_encoder(self.kind, **kw)
 
     def __call__(self, batch: dict[str, Any]) -> Tensor:
         if self.encoder is None:

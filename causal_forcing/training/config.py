@@ -44,6 +44,8 @@ class DataSection:
     batch_size: int = 1
     shuffle: bool = True
     text_encoder: str = "dataset"  # "dataset": embeddings stored with the data; else a text encoder kind
+    text_encoder_path: str = ""    # umt5: the Wan2.1 base folder (models_t5_*.pth + google/umt5-xxl/)
+    text_len: int = 0              # 0 = the model's text_len
     negative_prompt: str = ""      # for CFG stages; "" = empty prompt
 
 
@@ -218,6 +220,20 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
+def read_yaml_with_includes(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """Read YAML; a top-level ``include: other.yaml`` (relative to this file) is loaded first and overridden."""
+    path = Path(path).resolve()
+    if path in _seen:
+        raise ConfigError(f"config include cycle at {path}")
+    data = read_yaml(path)
+    inc = data.pop("include", None)
+    if inc is None:
+        return data
+    if not isinstance(inc, str):
+        raise ConfigError(f"{path}: include must be a file name")
+    return _deep_merge(read_yaml_with_includes(path.parent / inc, _seen + (path,)), data)
+
+
 def make_config_class(stage_cls: type) -> type:
     """The full config dataclass of a stage: the shared sections plus ``stage: stage_cls``."""
 
@@ -240,7 +256,7 @@ def load_config(stage_cls: type, path: str | Path | None = None, overrides: list
     """Load a stage's full config from YAML (optional) + overrides, validated."""
     data: dict = dict(base or {})
     if path is not None:
-        data = _deep_merge(data, read_yaml(path))
+        data = _deep_merge(data, read_yaml_with_includes(path))
     data = apply_overrides(data, list(overrides or []))
     cls = make_config_class(stage_cls)
     cfg = from_dict(cls, data)

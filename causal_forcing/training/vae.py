@@ -1,0 +1,339 @@
+"""`vae` stage: train the small ShapesWorld VAE (`causal_forcing.models.small_vae.SmallVAE`).
+
+A self-contained loop (not `trainer.Trainer`, which drives DiTs): plain reconstruction training of a small
+autoencoder on ShapesWorld clips. Data comes from `data.path` (a `causal-forcing data shapes` folder) or, when
+that is empty, is rendered on the fly (`shapes.render_seed`, about 0.5 ms per clip), so every step sees new
+clips. A training sample is a window of `stage.frames` (1 + 4k) consecutive frames cut at a random offset from a
+`stage.source_frames`-frame clip, so windows contain wall bounces (which never happen in a clip's first 16
+frames). Windows are a valid way to train on 81-frame videos: every layer of the model is causal with a short
+temporal reach (a few latent frames), and a window's first frame is encoded as any video's first frame.
+
+Loss on the decoded frames (the decoder's 3 pre-roll frames excluded), pixels in [-1, 1]:
+`l1 * |x̂ - x| + l2 * (x̂ - x)² + edge * (|∂h x̂ - ∂h x| + |∂w x̂ - ∂w x|) + latent_l2 * mean(z²)`, where the
+decoder sees z plus Gaussian noise of `latent_noise` times the batch's latent RMS (robustness to imperfect
+generated latents). The L1 and edge terms keep palette colours exact and edges hard, which the judge needs.
+
+Resumable: every `train.save_every` steps (and at the end, or when `stage.max_minutes` is used up) the weights,
+the EMA shadow, the optimizer, the step and the noise generator's state are written atomically to
+`out_dir/checkpoints/step-N/state.pt` and `checkpoints/latest` points at it. The batch of step `s` is a pure
+function of (`train.seed`, `s`), so a resumed run trains on the same data as an uninterrupted one. At the end
+the latent statistics are measured on `stats_clips` clips, the (EMA) model is saved to `out_dir/final` (and to
+`stage.export` when set), and its reconstruction PSNR on `eval_clips` unseen clips goes to `final/eval.json`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from ..data import shapes
+from ..data.shapes_io import MANIFEST_NAME, load_clip, read_manifest
+from ..errors import CheckpointError, ConfigError, InputError
+from ..models.small_vae import SmallVAE, SmallVAEConfig, latent_frames_for
+from .config import to_dict
+from .trainer import EMA, MetricsLog, _atomic_text, _atomic_torch_save, _fsync_dir, _progress, _yaml
+
+CKPT_DIR = "checkpoints"
+EVAL_SEED_BASE = 7_777_777
+"""Dataset seed of the held-out PSNR clips (training clips use `train.seed`)."""
+STATS_SEED_BASE = 5_555_555
+"""Dataset seed of the clips the latent statistics are measured on."""
+
+
+@dataclass
+class Config:
+    """The `stage:` section of `configs/shapes/vae.yaml`."""
+
+    size: int = 64                       # canvas side (pixels)
+    frames: int = 17                     # training window, 1 + 4k frames
+    source_frames: int = 81              # clip length the windows are cut from
+    crop: int = 0                        # side of random 8-aligned square crops (0 = full frames) ...
+    crop_steps: int = 0                  # ... used for the first crop_steps steps, full frames afterwards
+    encoder_channels: tuple[int, int, int, int] = (24, 48, 64, 128)
+    encoder_blocks: tuple[int, int] = (1, 2)
+    decoder_channels: tuple[int, int, int, int] = (128, 64, 32, 16)
+    decoder_blocks: tuple[int, int, int] = (2, 2, 1)
+    l1_weight: float = 1.0
+    l2_weight: float = 0.0
+    edge_weight: float = 0.5
+    latent_l2_weight: float = 1e-4
+    latent_noise: float = 0.1            # relative to the batch's latent RMS; 0 = none
+    lr_min_ratio: float = 0.05           # cosine decay from optim.lr to this fraction of it
+    threads: int = 2                     # torch intra-op threads (CPU)
+    max_minutes: float = 0.0             # stop with a checkpoint after this much wall time; 0 = no limit
+    stats_clips: int = 64
+    eval_clips: int = 16
+    export: str = ""                     # also write the final model folder here ("" = only out_dir/final)
+
+    def validate(self) -> None:
+        shapes.validate_canvas(self.size, self.source_frames)
+        latent_frames_for(self.frames)
+        checks = [
+            (self.size % 8 == 0, "stage.size must be a multiple of 8"),
+            (self.frames <= self.source_frames, "stage.frames must be <= stage.source_frames"),
+            (self.crop % 8 == 0 and 0 <= self.crop <= self.size, "stage.crop must be 0 or a multiple of 8 <= size"),
+            (self.crop_steps >= 0, "stage.crop_steps must be >= 0"),
+            (self.l1_weight >= 0 and self.l2_weight >= 0 and self.edge_weight >= 0 and self.latent_l2_weight >= 0,
+             "stage loss weights must be >= 0"),
+            (self.l1_weight + self.l2_weight > 0, "stage.l1_weight or stage.l2_weight must be > 0"),
+            (self.latent_noise >= 0, "stage.latent_noise must be >= 0"),
+            (0 <= self.lr_min_ratio <= 1, "stage.lr_min_ratio must be in [0, 1]"),
+            (self.threads >= 1, "stage.threads must be >= 1"),
+            (self.max_minutes >= 0, "stage.max_minutes must be >= 0"),
+            (self.stats_clips >= 1 and self.eval_clips >= 1, "stage.stats_clips and stage.eval_clips must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    def model_config(self) -> SmallVAEConfig:
+        return SmallVAEConfig(encoder_channels=self.encoder_channels, encoder_blocks=self.encoder_blocks,
+                              decoder_channels=self.decoder_channels, decoder_blocks=self.decoder_blocks)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------------------
+def frames_to_tensor(frames: np.ndarray) -> Tensor:
+    """uint8 `[T, H, W, 3]` -> float32 `[T, 3, H, W]` in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+class ClipSource:
+    """Training clips: rendered from seeds, or read from a `data shapes` folder (cached in memory, uint8)."""
+
+    def __init__(self, folder: str, size: int, frames: int) -> None:
+        self.size, self.frames = size, frames
+        self.clips: list[np.ndarray] = []
+        if folder:
+            for record in read_manifest(Path(folder) / MANIFEST_NAME):
+                clip = load_clip(Path(folder) / record["file"])
+                if clip.shape[1] != size or clip.shape[0] < frames:
+                    raise InputError(f"{record['file']}: {clip.shape[0]}x{clip.shape[1]} px clip; the stage needs "
+                                     f"{size} px and >= {frames} frames")
+                self.clips.append(clip)
+
+    def clip(self, index: int) -> np.ndarray:
+        """Dataset clip `index` modulo the dataset size, or the rendered clip with seed `index`."""
+        if self.clips:
+            return self.clips[index % len(self.clips)]
+        return shapes.render_seed(index, self.size, self.frames)[1]
+
+
+def training_batch(source: ClipSource, seed: int, step: int, batch: int, frames: int, crop: int = 0) -> Tensor:
+    """Pixels `[batch, frames, 3, H, W]` of step `step`, a pure function of (seed, step): windows of `frames`
+    frames at random offsets, cropped to random 8-aligned `crop` x `crop` squares when `crop` > 0."""
+    rng = np.random.default_rng([seed, step])
+    windows = []
+    for _ in range(batch):
+        clip = source.clip(int(rng.integers(0, 2**53)))
+        start = int(rng.integers(0, clip.shape[0] - frames + 1))
+        window = clip[start:start + frames]
+        if crop:
+            top, left = (8 * int(rng.integers(0, (clip.shape[1] - crop) // 8 + 1)) for _ in range(2))
+            window = window[:, top:top + crop, left:left + crop]
+        windows.append(frames_to_tensor(window))
+    return torch.stack(windows)
+
+
+def dataset_clips(base_seed: int, count: int, size: int, frames: int) -> Tensor:
+    """`count` rendered clips `[count, frames, 3, size, size]` with seeds `dataset_clip_seed(base_seed, i)`."""
+    return torch.stack([frames_to_tensor(shapes.render_seed(shapes.dataset_clip_seed(base_seed, i), size, frames)[1])
+                        for i in range(count)])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loss, schedule, statistics, evaluation
+# ---------------------------------------------------------------------------------------------------------------
+def reconstruction_loss(model: SmallVAE, pixels: Tensor, stage: Config, gen: torch.Generator,
+                        bf16: bool = False) -> dict[str, Tensor]:
+    """Loss terms of one batch (see the module docstring); `loss` is their weighted sum. `bf16`: run the
+    network under bfloat16 autocast (the weights and the loss stay float32)."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        z = model.encode_raw(pixels).float()
+        rms = z.detach().pow(2).mean().sqrt()
+        noisy = z + stage.latent_noise * rms * torch.randn(z.shape, generator=gen) if stage.latent_noise else z
+        out = model.decode_raw(noisy)[:, 3:].float()
+    diff = out - pixels
+    terms = {"l1": diff.abs().mean(), "l2": diff.pow(2).mean(),
+             "edge": ((diff.diff(dim=-1)).abs().mean() + (diff.diff(dim=-2)).abs().mean()),
+             "latent_l2": z.pow(2).mean()}
+    terms["loss"] = (stage.l1_weight * terms["l1"] + stage.l2_weight * terms["l2"]
+                     + stage.edge_weight * terms["edge"] + stage.latent_l2_weight * terms["latent_l2"])
+    return terms
+
+
+def learning_rate(cfg: Any, step: int) -> float:
+    """Linear warm-up over optim.warmup_steps, then cosine decay to lr * stage.lr_min_ratio at train.max_steps."""
+    base, warmup, total = cfg.optim.lr, cfg.optim.warmup_steps, cfg.train.max_steps
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    floor = base * cfg.stage.lr_min_ratio
+    return floor + (base - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+@torch.no_grad()
+def latent_statistics(model: SmallVAE, clips: Tensor, batch: int = 4) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of the raw latents of `clips` `[N, T, 3, H, W]`."""
+    latents = torch.cat([model.encode_raw(clips[i:i + batch]) for i in range(0, len(clips), batch)])
+    per_channel = latents.transpose(0, 2).flatten(1)  # [C, N * F * h * w]
+    return per_channel.mean(1).tolist(), per_channel.std(1).clamp_min(1e-6).tolist()
+
+
+def psnr(a: Tensor, b: Tensor) -> float:
+    """PSNR in dB of two uint8-range videos given in [-1, 1] (peak-to-peak 2)."""
+    mse = (a.float() - b.float()).pow(2).mean().item()
+    return float("inf") if mse == 0 else 10.0 * math.log10(4.0 / mse)
+
+
+@torch.no_grad()
+def reconstruct(model: SmallVAE, pixels: Tensor, batch: int = 4) -> Tensor:
+    """Encode and decode `[N, T, 3, H, W]` pixels, quantised to uint8 levels like saved videos."""
+    out = torch.cat([model.decode(model.encode(pixels[i:i + batch])) for i in range(0, len(pixels), batch)])
+    return ((out + 1.0) * 127.5).round() / 127.5 - 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------------------------
+def _latest(out: Path) -> Path | None:
+    pointer = out / CKPT_DIR / "latest"
+    if not pointer.exists():
+        return None
+    folder = out / CKPT_DIR / pointer.read_text().strip()
+    return folder if (folder / "state.pt").is_file() else None
+
+
+def _save(out: Path, step: int, model: SmallVAE, ema: EMA | None, optimizer: torch.optim.Optimizer,
+          gen: torch.Generator, cfg: Any) -> None:
+    folder = out / CKPT_DIR / f"step-{step:08d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "ema": ema.state_dict() if ema is not None else None, "gen": gen.get_state(),
+             "torch_rng": torch.get_rng_state(), "config": to_dict(cfg)}
+    _atomic_torch_save(state, folder / "state.pt")
+    _fsync_dir(folder)
+    _atomic_text(out / CKPT_DIR / "latest", folder.name + "\n")
+    keep = max(1, cfg.train.keep_checkpoints)
+    for old in sorted(p for p in (out / CKPT_DIR).glob("step-*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _load(folder: Path, model: SmallVAE, ema: EMA | None, optimizer: torch.optim.Optimizer,
+          gen: torch.Generator) -> int:
+    try:
+        state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unreadable checkpoint is a bad input
+        raise CheckpointError(f"checkpoint {folder} is unreadable: {str(error).splitlines()[0]}") from None
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if ema is not None:
+        if state["ema"] is None:
+            raise CheckpointError(f"checkpoint {folder} has no EMA state but ema.decay > 0")
+        ema.load_state_dict(state["ema"])
+    gen.set_state(state["gen"])
+    torch.set_rng_state(state["torch_rng"])
+    return int(state["step"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------------------------
+def _final_model(model: SmallVAE, ema: EMA | None) -> SmallVAE:
+    """A frozen copy of the trained model (the EMA weights when EMA is on)."""
+    final = SmallVAE(model.config)
+    final.load_state_dict(model.state_dict())
+    if ema is not None:
+        with torch.no_grad():
+            for name, param in final.named_parameters():
+                param.copy_(ema.shadow[name])
+    return final.eval().requires_grad_(False)
+
+
+def finish(cfg: Any, model: SmallVAE, ema: EMA | None, out: Path) -> Path:
+    """Measure latent statistics, save `out/final` (and `stage.export`), write the held-out PSNR."""
+    stage = cfg.stage
+    final = _final_model(model, ema)
+    mean, std = latent_statistics(final, dataset_clips(STATS_SEED_BASE, stage.stats_clips, stage.size,
+                                                        stage.source_frames))
+    final.with_stats(mean, std)
+    clips = dataset_clips(EVAL_SEED_BASE, stage.eval_clips, stage.size, stage.source_frames)
+    recon = reconstruct(final, clips)
+    report = {"psnr_db": psnr(recon, clips), "eval_clips": stage.eval_clips, "frames": stage.source_frames,
+              "size": stage.size, "eval_seed_base": EVAL_SEED_BASE}
+    folder = final.save_folder(out / "final")
+    _atomic_text(folder / "eval.json", json.dumps(report, indent=2) + "\n")
+    if stage.export:
+        final.save_folder(stage.export)
+    print(f"held-out reconstruction PSNR {report['psnr_db']:.2f} dB on {stage.eval_clips} clips; saved {folder}")
+    return folder
+
+
+def run(cfg: Any, resume: bool = False) -> Path:
+    """Train (or continue training) the small VAE; returns `out_dir/final`, or `out_dir` when paused."""
+    stage: Config = cfg.stage
+    torch.set_num_threads(stage.threads)
+    if cfg.train.precision == "fp16":
+        raise ConfigError("the vae stage trains in fp32 or bf16 (train.precision), not fp16")
+    bf16 = cfg.train.precision == "bf16"
+    out = Path(cfg.train.out_dir)
+    latest = _latest(out)
+    if latest is not None and not resume:
+        raise ConfigError(f"{out} already has checkpoints; pass --resume to continue or choose another train.out_dir")
+    torch.manual_seed(cfg.train.seed)
+    model = SmallVAE(stage.model_config()).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
+                                  weight_decay=cfg.optim.weight_decay)
+    ema = EMA(model, cfg.ema.decay) if cfg.ema.decay > 0 else None
+    gen = torch.Generator().manual_seed(cfg.train.seed)
+    step = _load(latest, model, ema, optimizer, gen) if latest is not None else 0
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_text(out / "config.yaml", _yaml(to_dict(cfg)))
+    source = ClipSource(cfg.data.path, stage.size, stage.source_frames)
+    log = MetricsLog(out / "metrics.jsonl", step)
+    bar = _progress(cfg.train.max_steps, step, cfg.train.progress, "vae")
+    started = time.monotonic()
+    while step < cfg.train.max_steps:
+        t0 = time.perf_counter()
+        lr = learning_rate(cfg, step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        crop = stage.crop if step < stage.crop_steps else 0
+        pixels = training_batch(source, cfg.train.seed, step, cfg.data.batch_size, stage.frames, crop)
+        terms = reconstruction_loss(model, pixels, stage, gen, bf16)
+        optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
+        optimizer.step()
+        if ema is not None and step >= cfg.ema.start_step:
+            ema.update(model)
+        step += 1
+        metrics = {k: float(v.detach()) for k, v in terms.items()}
+        metrics.update(lr=lr, grad_norm=float(grad_norm), step_time=time.perf_counter() - t0)
+        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+            log.write(step, metrics)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+        out_of_time = stage.max_minutes and time.monotonic() - started > 60.0 * stage.max_minutes
+        if step % cfg.train.save_every == 0 or step == cfg.train.max_steps or out_of_time:
+            _save(out, step, model, ema, optimizer, gen, cfg)
+        if out_of_time and step < cfg.train.max_steps:
+            if bar is not None:
+                bar.close()
+            print(f"paused at step {step}/{cfg.train.max_steps} after {stage.max_minutes:g} min; "
+                  f"rerun with --resume to continue")
+            return out
+    if bar is not None:
+        bar.close()
+    return finish(cfg, model, ema, out)
