@@ -160,3 +160,21 @@ def test_config_include_and_override(tmp_path):
     (tmp_path / "child.yaml").write_text("include: base.yaml\noptim:\n  lr: 0.25\n")
     cfg = load_stage_config("ar-diffusion", tmp_path / "child.yaml", ["train.seed=3"])
     assert (cfg.optim.lr, cfg.train.max_steps, cfg.train.seed) == (0.25, 7, 3)
+
+
+def test_plot_and_export_commands(dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    run_stage("ar-diffusion", None, _args(dataset, out, 2))
+    png = tmp_path / "curves.png"
+    assert cli_main(["plot", str(out), "--out", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert cli_main(["plot", str(out), "--out", str(png), "--keys", "nope"]) == 2
+    ckpt = out / "checkpoints" / "step-00000002"
+    assert cli_main(["export", str(ckpt), "--to", "released", "--out", str(tmp_path / "g.pt"), "--ema"]) == 0
+    assert cli_main(["export", str(ckpt), "--to", "folder", "--out", str(tmp_path / "f")]) == 0
+    from causal_forcing.checkpoints import load_dit_weights
+    a, _ = load_dit_weights(tmp_path / "g.pt", ema=True)
+    b, _ = load_dit_weights(out / "final_ema")
+    c, _ = load_dit_weights(tmp_path / "f")
+    d, _ = load_dit_weights(out / "final")
+    assert all(torch.equal(a[k], b[k]) and torch.equal(c[k], d[k]) for k in a)

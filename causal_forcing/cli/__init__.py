@@ -21,6 +21,8 @@ COMMAND_MODULES = (
     "causal_forcing.cli.generate",
     "causal_forcing.cli.info",
     "causal_forcing.cli.bench",
+    "causal_forcing.cli.plot",
+    "causal_forcing.cli.export",
 )
 
 
