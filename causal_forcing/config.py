@@ -116,6 +116,9 @@ class ModelConfig:
 PRESETS: dict[str, ModelConfig] = {
     "wan2.1-t2v-1.3b": ModelConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
     "wan2.1-t2v-14b": ModelConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
+    # The small models trained on ShapesWorld (64x64 pixels -> 8x8 latents -> 16 tokens per frame), with
+    # MiniLM per-token text embeddings (384-d, 32 tokens).
+    "shapes": ModelConfig(dim=128, ffn_dim=512, text_dim=384, text_len=32, num_heads=4, num_layers=6),
     # The configuration of the reference parity tensors (shared/reference/parity/config.json).
     "tiny": ModelConfig(dim=64, ffn_dim=128, freq_dim=256, text_dim=32, text_len=8, num_heads=2, num_layers=2),
 }

@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "causal_forcing.cli.bench",
     "causal_forcing.cli.plot",
     "causal_forcing.cli.export",
+    "causal_forcing.cli.recipe",
 )
 
 

@@ -259,8 +259,18 @@ def _load_wan_vae(path: Path, device: torch.device, dtype: torch.dtype) -> Video
     return load_wan_vae(path, device=device, dtype=dtype)
 
 
+def _load_small_vae(path: Path, device: torch.device, dtype: torch.dtype) -> VideoVAE:
+    """VAE kind ``small``: the small ShapesWorld VAE (``models.small_vae``), a folder from ``save_folder``."""
+    from ..models.small_vae import SmallVAE
+
+    if not path.exists():
+        raise CheckpointError(f"VAE not found: {path}")
+    return SmallVAE.from_folder(path, device=device, dtype=dtype)
+
+
 #: VAE kinds: name → loader(path, device, dtype). Register new kinds here.
-VAE_KINDS: dict[str, Callable[[Path, torch.device, torch.dtype], VideoVAE]] = {"wan": _load_wan_vae}
+VAE_KINDS: dict[str, Callable[[Path, torch.device, torch.dtype], VideoVAE]] = {"wan": _load_wan_vae,
+                                                                               "small": _load_small_vae}
 
 
 def _build_text_encoder(spec: TextEncoderSpec, root: Path, device: torch.device, dtype: torch.dtype) -> TextEncoder:
@@ -460,9 +470,12 @@ def save_pipeline_folder(folder: str | Path, spec: PipelineSpec, model: WanDiT |
     _check_text_len(spec, config)
     save_model_folder(model, config, folder)
     if vae is not None:
-        if spec.vae.kind != "wan":
-            raise ConfigError(f"save_pipeline_folder writes VAEs of kind 'wan' only, the spec says {spec.vae.kind!r}")
-        _save_wan_vae(vae, folder / spec.vae.path)
+        if spec.vae.kind == "wan":
+            _save_wan_vae(vae, folder / spec.vae.path)
+        elif spec.vae.kind == "small":
+            vae.save_folder(folder / spec.vae.path)
+        else:
+            raise ConfigError(f"save_pipeline_folder cannot write VAEs of kind {spec.vae.kind!r}")
     elif not (folder / spec.vae.path).exists():
         raise ConfigError(f"no VAE given and none at {folder / spec.vae.path}")
     with atomic_path(folder / PIPELINE_FILE) as tmp:

@@ -1,0 +1,33 @@
+"""`causal-forcing recipe shapes --out DIR`: the whole ShapesWorld pipeline, resumable step by step."""
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("recipe", help="run a full training recipe (resumable)")
+    recipes = p.add_subparsers(dest="recipe", metavar="RECIPE")
+    recipes.required = True
+    s = recipes.add_parser("shapes", help="ShapesWorld: data, VAE, teachers, inits, DMD, evaluation")
+    s.add_argument("--out", required=True, help="work folder (created; steps whose output exists are skipped)")
+    s.add_argument("--only", nargs="*", default=None, metavar="STEP", help="run only these steps")
+    s.add_argument("--until", default=None, metavar="STEP", help="stop after this step")
+    s.add_argument("--num-clips", type=int, default=6000)
+    s.add_argument("--workers", type=int, default=2)
+    s.add_argument("--seeds", type=int, default=3, help="evaluation seeds of the few-step models")
+    s.add_argument("--list", action="store_true", help="list the steps and whether they are done")
+    s.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..errors import InputError
+    from ..recipes.shapes import ShapesRecipe
+    if args.num_clips < 1 or args.workers < 1 or args.seeds < 1:
+        raise InputError("--num-clips, --workers and --seeds must be >= 1")
+    recipe = ShapesRecipe(args.out, num_clips=args.num_clips, workers=args.workers, seeds=args.seeds)
+    if args.list:
+        for step in recipe.steps:
+            print(f"{'done' if step.output.exists() else '    '}  {step.name:<34} {step.output}")
+        return 0
+    recipe.run(args.only, args.until, log=lambda m: print(m, flush=True))
+    return 0

@@ -1,0 +1,212 @@
+"""The ShapesWorld recipe: every stage of Causal Forcing (and the Self Forcing baseline) on a CPU.
+
+    data → VAE → latents + MiniLM embeddings → bidirectional teacher → AR teachers (frame-/chunk-wise)
+    → ODE data (causal; bidirectional for the baseline) → few-step inits (causal ODE, causal CD, Self Forcing ODE)
+    → DMD from each → ShapesBench evaluation of everything
+
+Each step has one output; a step whose output exists is skipped, a training step with checkpoints resumes, so
+the recipe can be interrupted at any moment and run again (``causal-forcing recipe shapes --out DIR``).
+Stage settings come from ``configs/shapes/*.yaml``; the recipe only wires paths and block sizes.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from ..errors import InputError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "shapes"
+SHIPPED_VAE = Path(__file__).resolve().parents[1] / "assets" / "shapes_vae"
+TEXT_LEN = 32
+FEW_STEP = [1000.0, 750.0, 500.0, 250.0]
+
+
+@dataclass
+class Step:
+    name: str
+    output: Path                   # the step is done when this exists
+    run: Callable[[], None]
+    after: list[str] = field(default_factory=list)
+
+
+class ShapesRecipe:
+    def __init__(self, out: str | Path, *, num_clips: int = 6000, workers: int = 2, seeds: int = 3,
+                 quick: bool = False):
+        self.out = Path(out)
+        self.num_clips = num_clips
+        self.workers = workers
+        self.seeds = seeds
+        self.quick = quick  # tiny step counts, for tests of the wiring
+        self.steps = self._build()
+
+    # ---- paths --------------------------------------------------------------------------------------
+    def p(self, *parts: str) -> Path:
+        return self.out.joinpath(*parts)
+
+    def run_dir(self, name: str) -> Path:
+        return self.p("runs", name)
+
+    def final(self, name: str, ema: bool = True) -> Path:
+        return self.run_dir(name) / ("final_ema" if ema else "final")
+
+    # ---- step bodies --------------------------------------------------------------------------------
+    def _data(self) -> None:
+        from ..data.shapes_io import write_training_set
+        write_training_set(self.p("data", "train"), num=self.num_clips, seed=0, workers=self.workers)
+
+    def _eval_data(self) -> None:
+        from ..data.shapes_io import write_eval_set
+        write_eval_set(self.p("data", "eval"), workers=self.workers)
+
+    def _vae(self) -> None:
+        if not (SHIPPED_VAE / "config.json").exists():
+            raise InputError(f"no shipped ShapesWorld VAE at {SHIPPED_VAE}; train one with "
+                             f"`causal-forcing train vae --config configs/shapes/vae.yaml`")
+        tmp = self.p(".vae.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(SHIPPED_VAE, tmp)
+        tmp.rename(self.p("vae"))
+
+    def _encode(self) -> None:
+        from ..data.encode import encode_clips
+        from ..models.small_vae import SmallVAE
+        from ..models.text import build_text_encoder
+        vae = SmallVAE.from_folder(self.p("vae"))
+        text = build_text_encoder("minilm", text_len=TEXT_LEN)
+        encode_clips(self.p("data", "train"), vae, self.p("latents"), vae_name="shapes", text_encoder=text,
+                     text_encoder_name=f"minilm-{TEXT_LEN}")
+
+    def _train(self, stage: str, config: str, name: str, overrides: list[str]) -> Callable[[], None]:
+        def go() -> None:
+            from ..training import run_stage
+            over = [f"train.out_dir={self.run_dir(name)}", *overrides]
+            if self.quick:
+                over += ["train.max_steps=2", "train.save_every=1", "train.log_every=1"]
+            resume = (self.run_dir(name) / "checkpoints" / "latest").exists()
+            run_stage(stage, CONFIGS / config, over, resume=resume)
+        return go
+
+    def _ode(self, name: str, teacher: Path, kind: str, block: int) -> Callable[[], None]:
+        def go() -> None:
+            from ..training import run_stage
+            out = self.p("ode", name)
+            over = [f"data.path={self.p('latents')}", f"train.out_dir={self.p('ode', '.' + name)}",
+                    f"stage.teacher={teacher}", f"stage.kind={kind}", f"stage.block_size={block}",
+                    f"stage.out={out}.partial"]
+            if self.quick:
+                over += ["stage.num_samples=4", "stage.steps=8", "stage.keep=[0,2,4,6,-2,-1]" if kind == "causal"
+                         else "stage.keep=[0,2,4,6,-1]"]
+            run_stage("ode-data", CONFIGS / "ode_data.yaml", over, resume=Path(f"{out}.partial").exists())
+            Path(f"{out}.partial").rename(out)
+        return go
+
+    def _evaluate(self, name: str, model_dir: Path, kind: str, block: int) -> Callable[[], None]:
+        def go() -> None:
+            from ..checkpoints import load_dit_weights, load_into
+            from ..eval.models import EvalSettings, evaluate
+            from ..models.small_vae import SmallVAE
+            from ..models.text import build_text_encoder
+            from ..models.wan import WanDiT
+            state, cfg = load_dit_weights(model_dir)
+            model = WanDiT(cfg)
+            load_into(model, state)
+            vae = SmallVAE.from_folder(self.p("vae"))
+            text = build_text_encoder("minilm", text_len=TEXT_LEN)
+            out = self.p("eval", name)
+            reports = []
+            for seed in range(self.seeds if kind == "causal" else 1):
+                settings = EvalSettings(kind=kind, block_size=block, seed=1000 * seed,  # type: ignore[arg-type]
+                                        teacher_steps=4 if self.quick else 20)
+                rep = evaluate(model, vae, text, self.p("data", "eval", "manifest.jsonl"), settings,
+                               out_dir=out / f"seed{seed}", limit=4 if self.quick else None, progress=True)
+                reports.append(rep)
+            tmp = out / "summary.json.tmp"
+            tmp.write_text(json.dumps({"model": name, "kind": kind, "block_size": block,
+                                       "seeds": [{k: r[k] for k in ("in_distribution", "held_out", "all")}
+                                                 for r in reports]}, indent=1))
+            tmp.rename(out / "summary.json")
+        return go
+
+    # ---- the plan -----------------------------------------------------------------------------------
+    def _build(self) -> list[Step]:
+        lat = f"data.path={self.p('latents')}"
+        S: list[Step] = [
+            Step("data", self.p("data", "train", "manifest.jsonl"), self._data),
+            Step("eval-data", self.p("data", "eval", "manifest.jsonl"), self._eval_data),
+            Step("vae", self.p("vae", "config.json"), self._vae),
+            Step("encode", self.p("latents", ".complete"), self._encode_complete, ["data", "vae"]),
+            Step("bidirectional", self.final("bidirectional"),
+                 self._train("bidirectional", "bidirectional.yaml", "bidirectional", [lat])),
+        ]
+        bidir = self.final("bidirectional")
+        for mode, block in (("framewise", 1), ("chunkwise", 3)):
+            S.append(Step(f"ar-{mode}", self.final(f"ar_{mode}"),
+                          self._train("ar-diffusion", "ar_diffusion.yaml", f"ar_{mode}",
+                                      [lat, f"train.init={bidir}", f"stage.block_size={block}"])))
+            S.append(Step(f"ode-causal-{mode}", self.p("ode", f"causal_{mode}"),
+                          self._ode(f"causal_{mode}", self.final(f"ar_{mode}"), "causal", block)))
+        S.append(Step("ode-bidirectional", self.p("ode", "bidirectional"),
+                      self._ode("bidirectional", bidir, "bidirectional", 1)))
+        inits = {
+            "causal_ode_framewise": ("causal-ode", "causal_ode.yaml", 1,
+                                     [f"data.path={self.p('ode', 'causal_framewise')}", "stage.mode=causal",
+                                      f"train.init={self.final('ar_framewise')}"]),
+            "causal_ode_chunkwise": ("causal-ode", "causal_ode.yaml", 3,
+                                     [f"data.path={self.p('ode', 'causal_chunkwise')}", "stage.mode=causal",
+                                      f"train.init={self.final('ar_chunkwise')}"]),
+            "self_forcing_ode_framewise": ("causal-ode", "causal_ode.yaml", 1,
+                                           [f"data.path={self.p('ode', 'bidirectional')}", "stage.mode=self-forcing",
+                                            f"train.init={bidir}"]),
+            "causal_cd_framewise": ("causal-cd", "causal_cd.yaml", 1, [lat, f"train.init={self.final('ar_framewise')}"]),
+        }
+        for name, (stage, cfg, block, over) in inits.items():
+            S.append(Step(name, self.final(name), self._train(stage, cfg, name, over + [f"stage.block_size={block}"])))
+            S.append(Step(f"dmd_{name}", self.final(f"dmd_{name}"),
+                          self._train("dmd", "dmd.yaml", f"dmd_{name}",
+                                      [lat, f"train.init={self.final(name)}", f"stage.real_score={bidir}",
+                                       f"stage.block_size={block}"])))
+        S.append(Step("eval-bidirectional", self.p("eval", "bidirectional", "summary.json"),
+                      self._evaluate("bidirectional", bidir, "bidirectional", 1)))
+        for mode, block in (("framewise", 1), ("chunkwise", 3)):
+            S.append(Step(f"eval-ar-{mode}", self.p("eval", f"ar_{mode}", "summary.json"),
+                          self._evaluate(f"ar_{mode}", self.final(f"ar_{mode}"), "autoregressive", block)))
+        for name, (_, _, block, _) in inits.items():
+            for model in (name, f"dmd_{name}"):
+                S.append(Step(f"eval-{model}", self.p("eval", model, "summary.json"),
+                              self._evaluate(model, self.final(model), "causal", block)))
+        return S
+
+    def _encode_complete(self) -> None:
+        self._encode()
+        (self.p("latents") / ".complete").write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"))
+
+    # ---- running ------------------------------------------------------------------------------------
+    def select(self, only: list[str] | None = None, until: str | None = None) -> list[Step]:
+        names = [s.name for s in self.steps]
+        for n in (only or []) + ([until] if until else []):
+            if n not in names:
+                raise InputError(f"unknown recipe step {n!r} (steps: {', '.join(names)})")
+        steps = self.steps
+        if until:
+            steps = steps[:names.index(until) + 1]
+        if only:
+            steps = [s for s in steps if s.name in only]
+        return steps
+
+    def run(self, only: list[str] | None = None, until: str | None = None, log: Callable[[str], None] = print) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        for step in self.select(only, until):
+            if step.output.exists():
+                log(f"[skip] {step.name}: {step.output} exists")
+                continue
+            log(f"[run ] {step.name}")
+            t0 = time.perf_counter()
+            step.run()
+            log(f"[done] {step.name} in {time.perf_counter() - t0:.0f} s")
+            with open(self.out / "recipe_log.jsonl", "a") as f:
+                f.write(json.dumps({"step": step.name, "seconds": round(time.perf_counter() - t0, 1),
+                                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
