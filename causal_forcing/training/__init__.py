@@ -18,6 +18,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "causal-ode": ("causal_ode", "stage 2a: ODE regression of the few-step causal student"),
     "causal-cd": ("causal_cd", "stage 2b (CF++): causal consistency distillation"),
     "dmd": ("dmd", "stage 3: asymmetric DMD with self-forcing rollout"),
+    "vae": ("vae", "train the small ShapesWorld VAE"),
 }
 
 
