@@ -7,7 +7,8 @@ backend compute exactly the masked attention without ever materialising a dense 
 * ``sdpa``  – PyTorch scaled_dot_product_attention per query run, keys gathered from their runs (CPU/CUDA);
 * ``flex``  – FlexAttention with a mask_mod derived from the plan (compiled on CUDA, eager elsewhere);
 * ``flash`` – flash-attn per query run, used only if the package is installed (never required);
-* ``auto``  – flash when installed and usable (CUDA, fp16/bf16), otherwise sdpa.
+* ``auto``  – flash when installed and usable (CUDA, fp16/bf16), otherwise sdpa; on CUDA, block masks go
+              through FlexAttention when it compiles (falling back to segmented SDPA if it does not).
 
 Layouts (the DiT's attention is an input, not a subclass):
 ``Bidirectional()``, ``BlockCausal(block_size)``, ``TeacherForcing(block_size)`` — the last one is the
@@ -155,6 +156,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, plan: AttentionPlan | None = None
     name = resolve_backend(backend, q)
     if name == "flex":
         return _flex(q, k, v, plan)
+    if (backend == "auto" and q.is_cuda and plan is not None and len(plan.segments) > 1
+            and _flex_usable()):
+        # Block masks on a GPU: one fused FlexAttention call instead of one SDPA call per block.
+        try:
+            return _flex(q, k, v, plan)
+        except Exception as e:  # noqa: BLE001 - compilation problems must not stop inference
+            _disable_flex(e)
     kernel = _flash if name == "flash" else _sdpa
     if plan is None:
         return kernel(q, k, v)
@@ -168,6 +176,21 @@ def attention(q: Tensor, k: Tensor, v: Tensor, plan: AttentionPlan | None = None
 # FlexAttention
 # ---------------------------------------------------------------------------------------------------------
 _compiled_flex = None
+_flex_failed: str | None = None
+
+
+def _flex_usable() -> bool:
+    if _flex_failed is not None:
+        return False
+    return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
+
+
+def _disable_flex(error: Exception) -> None:
+    """Remember that FlexAttention failed here (e.g. no compiler) and fall back to SDPA from now on."""
+    global _flex_failed
+    import warnings
+    _flex_failed = f"{type(error).__name__}: {error}"
+    warnings.warn(f"FlexAttention unavailable, using SDPA for block masks ({_flex_failed.splitlines()[0]})")
 
 
 def _flex_fn(device: torch.device):
