@@ -56,7 +56,9 @@ class LayerNorm(nn.LayerNorm):
         return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).type_as(x)
 
 
-class SelfAttention(nn.Module):
+class _Projections(nn.Module):
+    """q, k, v, o projections with Wan's RMS-normed queries and keys (shared by both attention kinds)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         dim, eps = cfg.dim, cfg.eps
@@ -65,6 +67,8 @@ class SelfAttention(nn.Module):
         self.norm_q = RMSNorm(dim, eps) if cfg.qk_norm else nn.Identity()
         self.norm_k = RMSNorm(dim, eps) if cfg.qk_norm else nn.Identity()
 
+
+class SelfAttention(_Projections):
     def forward(self, x: Tensor, rope: RotaryTable, ctx: "_ForwardContext", layer: int) -> Tensor:
         B, L, _ = x.shape
         shape = (B, L, self.num_heads, self.head_dim)
@@ -79,16 +83,8 @@ class SelfAttention(nn.Module):
         return self.o(out.flatten(2))
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(_Projections):
     """Text cross-attention: q/k RMS-normed, no RoPE, no mask (padding tokens are attended, as in Wan)."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        dim, eps = cfg.dim, cfg.eps
-        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
-        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
-        self.norm_q = RMSNorm(dim, eps) if cfg.qk_norm else nn.Identity()
-        self.norm_k = RMSNorm(dim, eps) if cfg.qk_norm else nn.Identity()
 
     def text_kv(self, context: Tensor) -> tuple[Tensor, Tensor]:
         B, Lc, _ = context.shape

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..checkpoints import load_dit_weights, load_into, save_model_folder, save_released_pt
+from ..checkpoints import atomic_path, load_dit_weights, load_into, save_model_folder, save_released_pt
 from ..errors import CheckpointError, ConfigError
 from .config import to_dict
 
@@ -102,32 +102,13 @@ class EMA:
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 @dataclass
@@ -327,7 +308,6 @@ class Trainer:
         _atomic_torch_save(state, folder / f"rank-{self.dist.rank}.pt")
         self._barrier()
         if self.dist.is_main:
-            _fsync_dir(folder)
             _atomic_text(self.ckpt_dir / "latest", folder.name + "\n")
             self._prune_checkpoints()
         self._barrier()
