@@ -13,11 +13,12 @@ from typing import Any, Literal
 
 import torch
 
-from ..data.latents import BatchStream, LatentDataset
+from ..data.latents import LatentDataset
 from ..errors import ConfigError
 from ..models.attention import Bidirectional, TeacherForcing
 from ..schedulers.flow import add_noise
-from .common import Conditioner, block_grid_indices, build_dit, drop_condition, grid_t_sigma, loss_weights
+from .common import (Conditioner, block_grid_indices, build_dit, data_stream, drop_condition, grid_t_sigma,
+                     loss_weights)
 
 
 @dataclass
@@ -48,9 +49,7 @@ class DiffusionStage:
     def setup(self, tr: Any) -> None:
         cfg = tr.cfg
         self.model = tr.add_trainable("generator", build_dit(tr))
-        self.data = tr.add_stream("data", BatchStream(LatentDataset(cfg.data.path), cfg.data.batch_size,
-                                                      seed=cfg.train.seed, shuffle=cfg.data.shuffle,
-                                                      rank=tr.dist.rank, world_size=tr.dist.world_size))
+        self.data = data_stream(tr, "data", LatentDataset(cfg.data.path))
         self.cond = Conditioner(cfg.data, tr.device)
 
     def step(self, tr: Any) -> dict[str, float]:

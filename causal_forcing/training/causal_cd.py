@@ -15,12 +15,12 @@ from typing import Any, Literal
 import torch
 from torch.func import functional_call
 
-from ..data.latents import BatchStream, LatentDataset
+from ..data.latents import LatentDataset
 from ..errors import ConfigError
 from ..models.attention import TeacherForcing
 from ..pipelines.teacher import cfg_combine
 from ..schedulers.flow import add_noise, euler_step, flow_grid, flow_to_x0
-from .common import Conditioner, build_dit
+from .common import Conditioner, build_dit, data_stream
 
 
 @dataclass
@@ -51,9 +51,7 @@ class Stage:
         teacher = build_dit(tr, init=s.teacher or cfg.train.init)
         self.teacher = tr.add_frozen("teacher", teacher)
         self.model = tr.add_trainable("generator", student, ema_decay=s.target_decay, ema_start=0)
-        self.data = tr.add_stream("data", BatchStream(LatentDataset(cfg.data.path), cfg.data.batch_size,
-                                                      seed=cfg.train.seed, shuffle=cfg.data.shuffle,
-                                                      rank=tr.dist.rank, world_size=tr.dist.world_size))
+        self.data = data_stream(tr, "data", LatentDataset(cfg.data.path))
         self.cond = Conditioner(cfg.data, tr.device)
         t, sig = flow_grid(s.grid_steps, s.shift)
         self.grid_t, self.grid_s = t.to(tr.device), sig.to(tr.device)

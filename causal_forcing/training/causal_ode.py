@@ -13,11 +13,11 @@ from typing import Any, Literal
 
 import torch
 
-from ..data.latents import BatchStream, LatentDataset
+from ..data.latents import LatentDataset
 from ..errors import ConfigError
 from ..models.attention import BlockCausal, TeacherForcing
 from ..schedulers.flow import flow_to_x0
-from .common import Conditioner, build_dit
+from .common import Conditioner, build_dit, data_stream
 
 
 @dataclass
@@ -49,9 +49,7 @@ class Stage:
         if cfg.stage.mode == "causal" and ds.meta.get("teacher_kind") != "causal":
             raise ConfigError("causal mode needs ODE data from the causal teacher (ode-data kind causal)")
         self.model = tr.add_trainable("generator", build_dit(tr))
-        self.data = tr.add_stream("data", BatchStream(ds, cfg.data.batch_size, seed=cfg.train.seed,
-                                                      shuffle=cfg.data.shuffle, rank=tr.dist.rank,
-                                                      world_size=tr.dist.world_size))
+        self.data = data_stream(tr, "data", ds)
         self.cond = Conditioner(cfg.data, tr.device)
 
     def step(self, tr: Any) -> dict[str, float]:

@@ -58,6 +58,15 @@ class Conditioner:
         return neg.expand(like.shape[0], *neg.shape[1:])
 
 
+def data_stream(trainer: Any, name: str, dataset: Any, seed_offset: int = 0) -> Any:
+    """Register a resumable, rank-sharded batch stream over ``dataset`` with the run's data settings."""
+    from ..data.latents import BatchStream
+    cfg = trainer.cfg
+    stream = BatchStream(dataset, cfg.data.batch_size, seed=cfg.train.seed + seed_offset, shuffle=cfg.data.shuffle,
+                         rank=trainer.dist.rank, world_size=trainer.dist.world_size)
+    return trainer.add_stream(name, stream)
+
+
 def drop_condition(trainer: Any, context: Tensor, negative: Tensor, p: float) -> Tensor:
     """Classifier-free-guidance dropout: replace each sample's context by the negative one with prob. p."""
     if p <= 0:

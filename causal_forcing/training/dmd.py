@@ -21,13 +21,13 @@ import torch
 import torch.distributed as dist
 
 from ..checkpoints import load_dit_weights, load_into
-from ..data.latents import BatchStream, LatentDataset, PromptDataset
+from ..data.latents import LatentDataset, PromptDataset
 from ..errors import ConfigError
 from ..models.wan import WanDiT
 from ..pipelines.streaming import CausalStream, SeededNoise, StreamConfig
 from ..pipelines.teacher import cfg_combine
 from ..schedulers.flow import FewStepSchedule, add_noise, flow_to_x0
-from .common import Conditioner, build_dit, dmd_timesteps
+from .common import Conditioner, build_dit, data_stream, dmd_timesteps
 
 
 @dataclass
@@ -96,10 +96,8 @@ class Stage:
                                      export=False)
         ds = LatentDataset(cfg.data.path) if not str(cfg.data.path).endswith(".txt") else PromptDataset(cfg.data.path)
         self.frames, self.hw = self._shape(ds, s)
-        mk = lambda off: BatchStream(ds, cfg.data.batch_size, seed=cfg.train.seed + off, shuffle=cfg.data.shuffle,  # noqa: E731
-                                     rank=tr.dist.rank, world_size=tr.dist.world_size)
-        self.gen_data = tr.add_stream("generator_data", mk(0))
-        self.critic_data = tr.add_stream("critic_data", mk(1))
+        self.gen_data = data_stream(tr, "generator_data", ds)
+        self.critic_data = data_stream(tr, "critic_data", ds, seed_offset=1)
         self.cond = Conditioner(cfg.data, tr.device)
 
     @staticmethod

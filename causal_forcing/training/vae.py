@@ -32,15 +32,17 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from torch import Tensor
 from torch.nn import functional as F
 
+from ..checkpoints import atomic_path
 from ..data import shapes
-from ..data.shapes_io import MANIFEST_NAME, load_clip, read_manifest
+from ..data.shapes_io import MANIFEST_NAME, load_clip, read_manifest, save_clip, write_manifest
 from ..errors import CheckpointError, ConfigError, InputError
 from ..models.small_vae import SmallVAE, SmallVAEConfig, latent_frames_for
 from .config import to_dict
-from .trainer import EMA, MetricsLog, _atomic_text, _atomic_torch_save, _fsync_dir, _progress, _yaml
+from .trainer import EMA, MetricsLog
 
 CKPT_DIR = "checkpoints"
 EVAL_SEED_BASE = 7_777_777
@@ -203,9 +205,37 @@ def reconstruct(model: SmallVAE, pixels: Tensor, batch: int = 4) -> Tensor:
     return ((out + 1.0) * 127.5).round() / 127.5 - 1.0
 
 
+def reconstruct_folder(clips: str | Path, vae: Any, out: str | Path,
+                       progress: Any = None) -> dict[str, float]:
+    """Encode and decode every clip of a `data shapes` folder with `vae`; write the reconstructions (same file
+    names, uint8 `.npz`) and a copy of the manifest to `out`, so `causal-forcing eval shapes --videos out` scores
+    them. Returns the mean, min and max per-clip PSNR (dB) against the originals."""
+    clips, out = Path(clips), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    records = read_manifest(clips / MANIFEST_NAME)
+    values = []
+    for done, record in enumerate(records, 1):
+        frames = load_clip(clips / record["file"])
+        with torch.inference_mode():
+            decoded = vae.decode(vae.encode(frames_to_tensor(frames).unsqueeze(0)))[0]
+        recon = ((decoded.permute(0, 2, 3, 1) + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+        save_clip(out / record["file"], recon)
+        values.append(psnr(frames_to_tensor(recon), frames_to_tensor(frames)))
+        if progress is not None:
+            progress(done, len(records))
+    write_manifest(out / MANIFEST_NAME, records)
+    return {"psnr_mean": float(np.mean(values)), "psnr_min": float(np.min(values)),
+            "psnr_max": float(np.max(values)), "clips": len(values)}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------------------------------------------
+def _write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
 def _latest(out: Path) -> Path | None:
     pointer = out / CKPT_DIR / "latest"
     if not pointer.exists():
@@ -221,9 +251,9 @@ def _save(out: Path, step: int, model: SmallVAE, ema: EMA | None, optimizer: tor
     state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "ema": ema.state_dict() if ema is not None else None, "gen": gen.get_state(),
              "torch_rng": torch.get_rng_state(), "config": to_dict(cfg)}
-    _atomic_torch_save(state, folder / "state.pt")
-    _fsync_dir(folder)
-    _atomic_text(out / CKPT_DIR / "latest", folder.name + "\n")
+    with atomic_path(folder / "state.pt") as tmp:
+        torch.save(state, tmp)
+    _write_text(out / CKPT_DIR / "latest", folder.name + "\n")
     keep = max(1, cfg.train.keep_checkpoints)
     for old in sorted(p for p in (out / CKPT_DIR).glob("step-*") if p.is_dir())[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
@@ -272,7 +302,7 @@ def finish(cfg: Any, model: SmallVAE, ema: EMA | None, out: Path) -> Path:
     report = {"psnr_db": psnr(recon, clips), "eval_clips": stage.eval_clips, "frames": stage.source_frames,
               "size": stage.size, "eval_seed_base": EVAL_SEED_BASE}
     folder = final.save_folder(out / "final")
-    _atomic_text(folder / "eval.json", json.dumps(report, indent=2) + "\n")
+    _write_text(folder / "eval.json", json.dumps(report, indent=2) + "\n")
     if stage.export:
         final.save_folder(stage.export)
     print(f"held-out reconstruction PSNR {report['psnr_db']:.2f} dB on {stage.eval_clips} clips; saved {folder}")
@@ -298,10 +328,13 @@ def run(cfg: Any, resume: bool = False) -> Path:
     gen = torch.Generator().manual_seed(cfg.train.seed)
     step = _load(latest, model, ema, optimizer, gen) if latest is not None else 0
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_text(out / "config.yaml", _yaml(to_dict(cfg)))
+    _write_text(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
     source = ClipSource(cfg.data.path, stage.size, stage.source_frames)
     log = MetricsLog(out / "metrics.jsonl", step)
-    bar = _progress(cfg.train.max_steps, step, cfg.train.progress, "vae")
+    bar = None
+    if cfg.train.progress:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.train.max_steps, initial=step, desc="vae", dynamic_ncols=True)
     started = time.monotonic()
     while step < cfg.train.max_steps:
         t0 = time.perf_counter()
