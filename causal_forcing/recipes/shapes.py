@@ -85,7 +85,8 @@ class ShapesRecipe:
             from ..training import run_stage
             over = [f"train.out_dir={self.run_dir(name)}", *overrides]
             if self.quick:
-                over += ["train.max_steps=2", "train.save_every=1", "train.log_every=1"]
+                over += ["train.max_steps=2", "train.save_every=1", "train.log_every=1", "ema.start_step=0",
+                         "data.batch_size=2"]
             resume = (self.run_dir(name) / "checkpoints" / "latest").exists()
             run_stage(stage, CONFIGS / config, over, resume=resume)
         return go
