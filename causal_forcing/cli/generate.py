@@ -18,7 +18,7 @@ from ..data.shapes_io import read_manifest
 from ..errors import InputError
 from ..models.vae import latent_frames_for, load_image
 from ..pipelines.loading import DEFAULT_MODEL, MODES, RELEASED_STEPS, load_pipeline
-from ..pipelines.video import DTYPES, GenerationResult, VideoPipeline
+from ..pipelines.video import DTYPES, GenerationResult, VideoPipeline, default_pix_fmt
 
 DEFAULT_OUT = "outputs"
 SLUG_LENGTH = 48
@@ -49,17 +49,53 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="DiT precision (default fp32; bf16 on GPUs)")
     g.add_argument("--offload", action="store_true",
                    help="keep the text encoder on the CPU and move the DiT/VAE to the GPU only while generating")
+    g.add_argument("--size", type=parse_size, default=None, metavar="HxW",
+                   help="frame size in pixels, e.g. 480x832 (default: the model's, 480x832 for --base); a multiple "
+                        "of the VAE's pixels per latent cell times the DiT's patch (16 for Wan)")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``--size``: ``HEIGHTxWIDTH`` in pixels → ``(height, width)``."""
+    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if not match or min(int(match[1]), int(match[2])) < 1:
+        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH in pixels (e.g. 480x832), got {text!r}")
+    return int(match[1]), int(match[2])
+
+
+def resize_pipeline(pipeline: VideoPipeline, size: tuple[int, int]) -> VideoPipeline:
+    """The same parts (shared, not copied) generating ``size`` = (height, width) pixel frames.
+
+    The size must be a multiple of the VAE's spatial factor times the DiT's patch. A pixel format the model
+    chose explicitly (one that differs from the default rule at its own size) is kept; otherwise the default rule
+    (``video.default_pix_fmt``) applies at the new size.
+    """
+    height, width = size
+    factor = pipeline.vae.spatial_factor
+    _, patch_h, patch_w = pipeline.model.config.patch_size
+    if height % (factor * patch_h) or width % (factor * patch_w):
+        raise InputError(f"--size {height}x{width}: height must be a multiple of {factor * patch_h} and width of "
+                         f"{factor * patch_w} pixels (VAE factor {factor} x DiT patch {patch_h}x{patch_w})")
+    if (height, width) == pipeline.frame_size:
+        return pipeline
+    explicit = pipeline.pix_fmt if pipeline.pix_fmt != default_pix_fmt(*pipeline.frame_size) else None
+    return VideoPipeline(pipeline.model, pipeline.text_encoder, pipeline.vae, stream_config=pipeline.stream_config,
+                         latent_hw=(height // factor, width // factor), fps=pipeline.fps,
+                         default_frames=pipeline.default_frames, device=pipeline.device, dtype=pipeline.dtype,
+                         vae_dtype=pipeline.vae_dtype, offload=pipeline.offload, pix_fmt=explicit,
+                         description=f"{pipeline.description} at {height}x{width}")
 
 
 def pipeline_from_args(args: argparse.Namespace) -> VideoPipeline:
-    """Load the pipeline the model options describe (transformers' loading bars are silenced)."""
+    """Load the pipeline the model options describe, at ``--size`` if given (transformers' loading bars are
+    silenced)."""
     try:
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()
     except ImportError:
         pass
-    return load_pipeline(args.model, base=args.base, checkpoint=args.checkpoint, ema=args.ema, mode=args.mode,
-                         steps=args.steps, device=args.device, dtype=DTYPES[args.dtype], offload=args.offload)
+    pipeline = load_pipeline(args.model, base=args.base, checkpoint=args.checkpoint, ema=args.ema, mode=args.mode,
+                             steps=args.steps, device=args.device, dtype=DTYPES[args.dtype], offload=args.offload)
+    return pipeline if args.size is None else resize_pipeline(pipeline, args.size)
 
 
 def check_frames(frames: int | None) -> None:

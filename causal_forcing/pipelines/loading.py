@@ -47,6 +47,7 @@ from ..checkpoints import (
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError, InputError
 from ..models.text import TEXT_ENCODER_KINDS, TextEncoder, build_text_encoder
+from ..models.text_infer import umt5_config_for_folder
 from ..models.wan import WanDiT
 from ..schedulers.flow import FewStepSchedule
 from ..training.config import from_dict, to_dict
@@ -253,10 +254,11 @@ def released_spec(base: str | Path, mode: str = "framewise", steps: int = 4, *, 
 def _load_wan_vae(path: Path, device: torch.device, dtype: torch.dtype) -> VideoVAE:
     """VAE kind ``wan``: a diffusers AutoencoderKLWan folder, or a single weight file (e.g. ``Wan2.1_VAE.pth``)."""
     from ..models.vae import load_wan_vae  # diffusers is imported on use
+    from ..models.vae_infer import wan_vae_config_for
 
     if not path.exists():
         raise CheckpointError(f"VAE not found: {path}")
-    return load_wan_vae(path, device=device, dtype=dtype)
+    return load_wan_vae(path, wan_vae_config_for(path), device=device, dtype=dtype)
 
 
 def _load_small_vae(path: Path, device: torch.device, dtype: torch.dtype) -> VideoVAE:
@@ -276,7 +278,8 @@ VAE_KINDS: dict[str, Callable[[Path, torch.device, torch.dtype], VideoVAE]] = {"
 def _build_text_encoder(spec: TextEncoderSpec, root: Path, device: torch.device, dtype: torch.dtype) -> TextEncoder:
     path = None if spec.path is None else root / spec.path
     if spec.kind == "umt5":
-        return build_text_encoder("umt5", folder=path, device=device, dtype=dtype, text_len=spec.text_len)
+        return build_text_encoder("umt5", folder=path, device=device, dtype=dtype, text_len=spec.text_len,
+                                  config=umt5_config_for_folder(path))
     if spec.kind == "minilm":
         return build_text_encoder("minilm", model_path=path, device=device, dtype=dtype, text_len=spec.text_len)
     raise ConfigError(f"text encoder kind {spec.kind!r} has no loader")
