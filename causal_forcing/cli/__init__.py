@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "causal_forcing.cli.plot",
     "causal_forcing.cli.export",
     "causal_forcing.cli.recipe",
+    "causal_forcing.cli.serve",
 )
 
 
