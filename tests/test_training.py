@@ -73,11 +73,12 @@ def test_resume_is_exact(dataset, tmp_path, stage):
 def test_resume_after_sigkill_is_exact(dataset, tmp_path):
     """Kill -9 a run at an arbitrary moment (mid-step or mid-save), resume, compare with an uninterrupted run."""
     steps = 8
-    full = tmp_path / "full"
-    run_stage("ar-diffusion", None, _args(dataset, full, steps))
+    env = dict(os.environ, PYTHONHASHSEED="0")
+    full = tmp_path / "full"  # the reference runs in a subprocess too, so both use the same thread settings
+    subprocess.run([sys.executable, "-m", "causal_forcing", "train", "ar-diffusion", *_args(dataset, full, steps)],
+                   env=env, check=True, stdout=subprocess.DEVNULL)
     killed = tmp_path / "killed"
     cmd = [sys.executable, "-m", "causal_forcing", "train", "ar-diffusion", *_args(dataset, killed, steps)]
-    env = dict(os.environ, PYTHONHASHSEED="0")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and not (killed / "checkpoints" / "latest").exists():

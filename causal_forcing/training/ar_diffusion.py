@@ -17,6 +17,7 @@ from ..data.latents import LatentDataset
 from ..errors import ConfigError
 from ..models.attention import Bidirectional, TeacherForcing
 from ..schedulers.flow import add_noise
+from .sampling import sample_and_score
 from .common import (Conditioner, block_grid_indices, build_dit, data_stream, drop_condition, grid_t_sigma,
                      loss_weights)
 
@@ -77,6 +78,11 @@ class DiffusionStage:
         loss = (per_frame * loss_weights(k, s.loss_weighting, s.shift)).mean()
         metrics = tr.optimize("generator", loss)
         return {"loss": loss.item(), **metrics}
+
+
+    def sample(self, tr: Any) -> None:
+        """Periodic samples + ShapesBench scores (``train.sample_every``): many-step CFG sampling."""
+        sample_and_score(tr, "autoregressive" if self.causal else "bidirectional")
 
 
 def _blockwise(v: torch.Tensor, block: int) -> torch.Tensor:

@@ -20,6 +20,7 @@ from ..errors import ConfigError
 from ..models.attention import TeacherForcing
 from ..pipelines.teacher import cfg_combine
 from ..schedulers.flow import add_noise, euler_step, flow_grid, flow_to_x0
+from .sampling import sample_and_score
 from .common import Conditioner, build_dit, data_stream
 
 
@@ -66,6 +67,10 @@ class Stage:
                 flow = functional_call(tr_state.raw, tr_state.ema.shadow, (x, t, ctx),
                                        {"layout": layout, "clean_x": clean}, strict=False)
         return flow_to_x0(x, flow.float(), t / 1000.0)
+
+    def sample(self, tr: Any) -> None:
+        """Periodic samples + ShapesBench scores (``train.sample_every``) with the few-step sampler."""
+        sample_and_score(tr, "causal")
 
     def step(self, tr: Any) -> dict[str, float]:
         s = tr.cfg.stage

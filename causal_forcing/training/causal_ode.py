@@ -17,6 +17,7 @@ from ..data.latents import LatentDataset
 from ..errors import ConfigError
 from ..models.attention import BlockCausal, TeacherForcing
 from ..schedulers.flow import flow_to_x0
+from .sampling import sample_and_score
 from .common import Conditioner, build_dit, data_stream
 
 
@@ -45,12 +46,21 @@ class Stage:
         keep = ds.meta["keep"]
         if cfg.stage.mode == "causal" and keep[-1] != -1:
             raise ConfigError("causal mode needs ODE data with the ground-truth latent (ode-data kind causal)")
-        self.target_index = len(keep) - 2 if cfg.stage.mode == "causal" else len(keep) - 1
         if cfg.stage.mode == "causal" and ds.meta.get("teacher_kind") != "causal":
             raise ConfigError("causal mode needs ODE data from the causal teacher (ode-data kind causal)")
+        # The target is the ODE solution: entry -2 of causal data (-1 is the ground truth), -1 of bidirectional
+        # data, whichever mode reads it.
+        solution = -2 if ds.meta.get("teacher_kind") == "causal" else -1
+        if solution not in keep:
+            raise ConfigError(f"ODE data {cfg.data.path} does not hold the ODE solution (keep entry {solution})")
+        self.target_index = keep.index(solution)
         self.model = tr.add_trainable("generator", build_dit(tr))
         self.data = data_stream(tr, "data", ds)
         self.cond = Conditioner(cfg.data, tr.device)
+
+    def sample(self, tr: Any) -> None:
+        """Periodic samples + ShapesBench scores (``train.sample_every``) with the few-step sampler."""
+        sample_and_score(tr, "causal")
 
     def step(self, tr: Any) -> dict[str, float]:
         s = tr.cfg.stage

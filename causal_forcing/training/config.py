@@ -72,6 +72,9 @@ class TrainSection:
     save_every: int = 100
     keep_checkpoints: int = 2
     sample_every: int = 0          # 0 = never (ShapesWorld runs: sample videos + ShapesBench scores)
+    sample_manifest: str = ""      # evaluation manifest (`data shapes --eval-set`) for the periodic samples
+    sample_vae: str = ""           # VAE folder to decode them
+    sample_count: int = 8          # prompts per sampling round
     device: str = "auto"
     distributed: Literal["none", "ddp", "fsdp"] = "none"
     progress: bool = True

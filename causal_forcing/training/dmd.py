@@ -27,6 +27,7 @@ from ..models.wan import WanDiT
 from ..pipelines.streaming import CausalStream, SeededNoise, StreamConfig
 from ..pipelines.teacher import cfg_combine
 from ..schedulers.flow import FewStepSchedule, add_noise, flow_to_x0
+from .sampling import sample_and_score
 from .common import Conditioner, build_dit, data_stream, dmd_timesteps
 
 
@@ -167,6 +168,10 @@ class Stage:
         with tr.autocast():
             flow = self.fake(xt, t, ctx)
         return (flow.float() - (eps - x.detach())).pow(2).mean()
+
+    def sample(self, tr: Any) -> None:
+        """Periodic samples + ShapesBench scores (``train.sample_every``) with the few-step sampler."""
+        sample_and_score(tr, "causal")
 
     def step(self, tr: Any) -> dict[str, float]:
         s = tr.cfg.stage
