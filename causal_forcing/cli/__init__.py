@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "causal_forcing.cli.export",
     "causal_forcing.cli.recipe",
     "causal_forcing.cli.serve",
+    "causal_forcing.cli.encode",
 )
 
 
