@@ -20,6 +20,7 @@ def main() -> None:
     weights = trainer.full_weights("generator")
     digest = hashlib.sha256(b"".join(weights[k].numpy().tobytes() for k in sorted(weights))).hexdigest()
     Path(cfg.train.out_dir, f"digest-rank{trainer.dist.rank}.txt").write_text(digest)
+    dist.barrier()  # no rank tears the group down while another is still in a collective
     dist.destroy_process_group()
 
 
