@@ -41,7 +41,6 @@ from causal_forcing.training.ode_data import sample_seed
 from causal_forcing.training.trainer import Trainer
 
 
-
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """One intra-op thread for this module (restored afterwards, so other modules keep their setting)."""
@@ -49,6 +48,7 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
 
 F, C, HW = 3, 16, 8
 TINY = model_preset("tiny")
