@@ -91,12 +91,12 @@ def run(cfg: Any, resume: bool = False) -> Path:
     if writer.done_ids and not resume:
         raise ConfigError(f"{s.out} already holds {len(writer.done_ids)} trajectories; pass --resume to continue")
     n = len(source) if s.num_samples <= 0 else min(s.num_samples, len(source))
-    todo = [i for i in range(n) if i % info.world_size == info.rank
+    pending = [i for i in range(n) if i % info.world_size == info.rank
             and str(source.records[i].get("id", i)) not in writer.done_ids]
-    bar = _bar(len(todo), info.is_main and cfg.train.progress)
+    bar = _bar(len(pending), info.is_main and cfg.train.progress)
     with writer:
-        for start in range(0, len(todo), s.batch_size):
-            idx = todo[start:start + s.batch_size]
+        for start in range(0, len(pending), s.batch_size):
+            idx = pending[start:start + s.batch_size]
             items = [source[i] for i in idx]
             batch = {"latents": torch.stack([it["latents"] for it in items]),
                      "records": [it["record"] for it in items]}
