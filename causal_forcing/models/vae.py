@@ -41,6 +41,11 @@ from safetensors.torch import load_file as load_safetensors
 from torch import nn
 
 from causal_forcing.errors import CheckpointError, ConfigError, InputError
+from causal_forcing.models.frames import (
+    TEMPORAL_FACTOR,
+    latent_frames_for,
+    pixel_frames_for,
+)
 
 __all__ = [
     "StreamingDecoder",
@@ -57,33 +62,12 @@ __all__ = [
     "read_state_dict",
 ]
 
-TEMPORAL_FACTOR = 4
-"""Pixel frames per latent frame after the first (the only temporal compression the Wan VAEs use)."""
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
 PathLike = str | Path
 ImageSource = PathLike | Image.Image
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Frame-count rule
-# ---------------------------------------------------------------------------------------------------------------
-def pixel_frames_for(latent_frames: int) -> int:
-    """Number of pixel frames decoded from `latent_frames` latent frames: 1 + 4 * (F - 1)."""
-    if latent_frames < 1:
-        raise InputError(f"a video needs at least 1 latent frame, got {latent_frames}")
-    return 1 + TEMPORAL_FACTOR * (latent_frames - 1)
-
-
-def latent_frames_for(pixel_frames: int) -> int:
-    """Number of latent frames encoding `pixel_frames` frames; the count must be 1 + 4k (1, 5, ..., 81)."""
-    if pixel_frames < 1 or (pixel_frames - 1) % TEMPORAL_FACTOR:
-        raise InputError(
-            f"pixel frame count must be 1 + {TEMPORAL_FACTOR}k (1, 5, 9, ..., 81), got {pixel_frames}"
-        )
-    return 1 + (pixel_frames - 1) // TEMPORAL_FACTOR
 
 
 # ---------------------------------------------------------------------------------------------------------------
