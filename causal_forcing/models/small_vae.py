@@ -18,7 +18,8 @@ block by block with each `MemBlock`'s last input frame carried over (`StreamingD
 computation as decoding it at once. Encoder: 64 -> 32 px per frame, pairs of frames pooled, 32 -> 16 px,
 `MemBlock`s, pairs pooled again (one step per latent frame), 16 -> 8 px, `MemBlock`s, 1x1 projection to 16
 channels. Decoder: 8 px `MemBlock`s at the latent rate, then three times "unfold time (x2, x2, x1), nearest
-upsample x2, 3x3 conv", with `MemBlock`s at 16 and 32 px, and a 3x3 output conv at 64 px.
+upsample x2, 3x3 conv", with `MemBlock`s at 16 and 32 px, and an output head at 64 px: two 3x3 convs
+(`output: "rgb"`), or `AlphaHead` (`output: "alpha"`: sharp alpha over black x half-resolution colour map).
 
 Files: `save_folder` writes `config.json` (`_class_name: "SmallVAE"`) and `model.safetensors`; `from_folder`
 reads them strictly. `load_vae(path)` opens either kind of VAE: `"shapes"` (the bundled ShapesWorld weights in
@@ -39,6 +40,11 @@ from torch.nn import functional as F
 
 from causal_forcing.checkpoints import atomic_path
 from causal_forcing.errors import CheckpointError, ConfigError, InputError
+from causal_forcing.models.frames import (
+    TEMPORAL_FACTOR,
+    latent_frames_for,
+    pixel_frames_for,
+)
 
 __all__ = [
     "BUNDLED_SHAPES_VAE",
@@ -50,8 +56,6 @@ __all__ = [
     "pixel_frames_for",
 ]
 
-TEMPORAL_FACTOR = 4
-"""Pixel frames per latent frame after the first (as for the Wan VAEs)."""
 SPATIAL_FACTOR = 8
 """Pixels per latent cell along height and width (as for Wan2.1)."""
 CLASS_NAME = "SmallVAE"
@@ -61,26 +65,6 @@ BUNDLED_SHAPES_VAE = Path(__file__).resolve().parent.parent / "assets" / "shapes
 """Folder of the shipped ShapesWorld weights (`load_vae("shapes")`)."""
 
 PathLike = str | Path
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Frame-count rule (the same rule as `causal_forcing.models.vae`, which this module does not import: that module
-# pulls in diffusers, several seconds of import time that the small VAE does not need)
-# ---------------------------------------------------------------------------------------------------------------
-def pixel_frames_for(latent_frames: int) -> int:
-    """Number of pixel frames decoded from `latent_frames` latent frames: 1 + 4 * (F - 1)."""
-    if latent_frames < 1:
-        raise InputError(f"a video needs at least 1 latent frame, got {latent_frames}")
-    return 1 + TEMPORAL_FACTOR * (latent_frames - 1)
-
-
-def latent_frames_for(pixel_frames: int) -> int:
-    """Number of latent frames encoding `pixel_frames` frames; the count must be 1 + 4k (1, 5, ..., 81)."""
-    if pixel_frames < 1 or (pixel_frames - 1) % TEMPORAL_FACTOR:
-        raise InputError(
-            f"pixel frame count must be 1 + {TEMPORAL_FACTOR}k (1, 5, 9, ..., 81), got {pixel_frames}"
-        )
-    return 1 + (pixel_frames - 1) // TEMPORAL_FACTOR
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -99,6 +83,8 @@ class SmallVAEConfig:
     """Widths at 1/8 (latent), 1/4, 1/2 and full resolution."""
     decoder_blocks: tuple[int, int, int] = (2, 2, 1)
     """`MemBlock`s at 1/8, 1/4 and 1/2 resolution (1, 2 and 4 frames per latent frame)."""
+    output: str = "rgb"
+    """Decoder head: "rgb" (two 3x3 convs at full resolution) or "alpha" (`AlphaHead`)."""
     latents_mean: tuple[float, ...] = field(default_factory=lambda: (0.0,) * 16)
     latents_std: tuple[float, ...] = field(default_factory=lambda: (1.0,) * 16)
 
@@ -116,6 +102,7 @@ class SmallVAEConfig:
             (len(self.latents_mean) == self.latent_channels and len(self.latents_std) == self.latent_channels,
              f"latents_mean and latents_std need {self.latent_channels} values each"),
             (min(self.latents_std) > 0, "latents_std must be positive"),
+            (self.output in ("rgb", "alpha"), f"output must be 'rgb' or 'alpha', got {self.output!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -203,6 +190,23 @@ class _Upsample(nn.Module):
         return F.interpolate(x, scale_factor=2.0, mode="nearest")
 
 
+class AlphaHead(nn.Module):
+    """Output head: pixel = alpha * colour + (1 - alpha) * black, with a sharp full-resolution alpha (nearest x2
+    upsampling, 3x3 conv, ReLU, 3x3 conv, sigmoid) and a colour map predicted at half resolution (3x3 conv, nearest
+    x2 upsampling). It can output any pixel (alpha = 1), but shapes and colours come from separate paths, which
+    helps flat-coloured objects on black keep hard edges and one colour up to their thinnest parts."""
+
+    def __init__(self, c_in: int, c_mid: int) -> None:
+        super().__init__()
+        self.alpha = nn.Sequential(_Upsample(), _conv(c_in, c_mid), nn.ReLU(), _conv(c_mid, 1))
+        self.color = _conv(c_in, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        alpha = torch.sigmoid(self.alpha(x))
+        color = F.interpolate(self.color(x), scale_factor=2.0, mode="nearest")
+        return alpha * (color + 1.0) - 1.0
+
+
 class CausalStack(nn.Module):
     """A sequence of layers over `[N, T, C, H, W]` videos with one cache slot per `MemBlock`.
 
@@ -264,8 +268,7 @@ def build_decoder(config: SmallVAEConfig) -> CausalStack:
         *[MemBlock(d1) for _ in range(k1)],
         TGrow(d1, 2), _Upsample(), _conv(d1, d2), nn.ReLU(),
         *[MemBlock(d2) for _ in range(k2)],
-        _Upsample(), _conv(d2, d3), nn.ReLU(),
-        _conv(d3, 3),
+        *([_Upsample(), _conv(d2, d3), nn.ReLU(), _conv(d3, 3)] if config.output == "rgb" else [AlphaHead(d2, d3)]),
     ])
 
 
@@ -503,6 +506,8 @@ def load_vae(path: PathLike, *, device: str | torch.device = "cpu", dtype: torch
     folder = Path(path)
     if folder.is_dir() and _folder_class(folder) == CLASS_NAME:
         return SmallVAE.from_folder(folder, device=device, dtype=dtype)
-    from causal_forcing.models.vae import load_wan_vae  # imports diffusers: only when a Wan VAE is asked for
+    from causal_forcing.models.vae import (
+        load_wan_vae,  # imports diffusers: only when a Wan VAE is asked for
+    )
 
     return load_wan_vae(folder, device=device, dtype=dtype)

@@ -3,15 +3,23 @@
 A self-contained loop (not `trainer.Trainer`, which drives DiTs): plain reconstruction training of a small
 autoencoder on ShapesWorld clips. Data comes from `data.path` (a `causal-forcing data shapes` folder) or, when
 that is empty, is rendered on the fly (`shapes.render_seed`, about 0.5 ms per clip), so every step sees new
-clips. A training sample is a window of `stage.frames` (1 + 4k) consecutive frames cut at a random offset from a
-`stage.source_frames`-frame clip, so windows contain wall bounces (which never happen in a clip's first 16
-frames). Windows are a valid way to train on 81-frame videos: every layer of the model is causal with a short
-temporal reach (a few latent frames), and a window's first frame is encoded as any video's first frame.
+clips; neither contains held-out combinations. A training sample is a window of `stage.frames` (1 + 4k)
+consecutive frames cut at a random offset from a `stage.source_frames`-frame clip, so windows contain wall
+bounces (which never happen in a clip's first 16 frames). Windows are a valid way to train on 81-frame videos:
+every layer of the model is causal with a short temporal reach (a few latent frames), and a window's first
+frame is encoded as any video's first frame. For the first `stage.crop_steps` steps the windows are cropped to
+random 8-aligned `stage.crop`-pixel squares (the network is convolutional; 4x cheaper steps at 32 px).
+With probability `stage.recolor_prob` a clip's objects get random RGB colours (`recolor`) so that the network
+learns shapes apart from their palette colour; a colour is redrawn while the judge would read it as black or
+as a held-out combination (a yellow triangle, a purple object moving up), so none is ever shown.
 
 Loss on the decoded frames (the decoder's 3 pre-roll frames excluded), pixels in [-1, 1]:
-`l1 * |x̂ - x| + l2 * (x̂ - x)² + edge * (|∂h x̂ - ∂h x| + |∂w x̂ - ∂w x|) + latent_l2 * mean(z²)`, where the
-decoder sees z plus Gaussian noise of `latent_noise` times the batch's latent RMS (robustness to imperfect
-generated latents). The L1 and edge terms keep palette colours exact and edges hard, which the judge needs.
+`l1 * |x̂ - x| + l2 * (x̂ - x)² + edge * (|∂h x̂ - ∂h x| + |∂w x̂ - ∂w x|) + palette * CE + latent_l2 * mean(z²)`,
+where CE (`palette_loss`) is the cross-entropy between the judge's colour class of each target pixel and a
+softmax over the output pixel's distances to the judge's colours, and the decoder sees z plus Gaussian noise of
+`latent_noise` times the batch's latent RMS (robustness to imperfect generated latents). L1, edge and CE keep
+palette colours exact and edges hard, which the judge needs; L2 weighs the few large errors on objects.
+`train.init` starts from the weights of a `SmallVAE` folder with the same architecture (a fine-tune).
 
 Resumable: every `train.save_every` steps (and at the end, or when `stage.max_minutes` is used up) the weights,
 the EMA shadow, the optimizer, the step and the noise generator's state are written atomically to
@@ -22,13 +30,15 @@ the latent statistics are measured on `stats_clips` clips, the (EMA) model is sa
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -38,7 +48,13 @@ from torch.nn import functional as F
 
 from ..checkpoints import atomic_path
 from ..data import shapes
-from ..data.shapes_io import MANIFEST_NAME, load_clip, read_manifest, save_clip, write_manifest
+from ..data.shapes_io import (
+    MANIFEST_NAME,
+    load_clip,
+    read_manifest,
+    save_clip,
+    write_manifest,
+)
 from ..errors import CheckpointError, ConfigError, InputError
 from ..models.small_vae import SmallVAE, SmallVAEConfig, latent_frames_for
 from .config import to_dict
@@ -60,13 +76,17 @@ class Config:
     source_frames: int = 81              # clip length the windows are cut from
     crop: int = 0                        # side of random 8-aligned square crops (0 = full frames) ...
     crop_steps: int = 0                  # ... used for the first crop_steps steps, full frames afterwards
+    recolor_prob: float = 0.0            # share of clips whose objects get random (non-held-out) colours
     encoder_channels: tuple[int, int, int, int] = (24, 48, 64, 128)
     encoder_blocks: tuple[int, int] = (1, 2)
     decoder_channels: tuple[int, int, int, int] = (128, 64, 32, 16)
     decoder_blocks: tuple[int, int, int] = (2, 2, 1)
+    output: Literal["rgb", "alpha"] = "rgb"  # decoder head (see models.small_vae)
     l1_weight: float = 1.0
     l2_weight: float = 0.0
     edge_weight: float = 0.5
+    palette_weight: float = 0.0          # judge-colour cross-entropy (`palette_loss`)
+    palette_temperature: float = 0.1
     latent_l2_weight: float = 1e-4
     latent_noise: float = 0.1            # relative to the batch's latent RMS; 0 = none
     lr_min_ratio: float = 0.05           # cosine decay from optim.lr to this fraction of it
@@ -84,9 +104,12 @@ class Config:
             (self.frames <= self.source_frames, "stage.frames must be <= stage.source_frames"),
             (self.crop % 8 == 0 and 0 <= self.crop <= self.size, "stage.crop must be 0 or a multiple of 8 <= size"),
             (self.crop_steps >= 0, "stage.crop_steps must be >= 0"),
+            (0 <= self.recolor_prob <= 1, "stage.recolor_prob must be in [0, 1]"),
             (self.l1_weight >= 0 and self.l2_weight >= 0 and self.edge_weight >= 0 and self.latent_l2_weight >= 0,
              "stage loss weights must be >= 0"),
             (self.l1_weight + self.l2_weight > 0, "stage.l1_weight or stage.l2_weight must be > 0"),
+            (self.palette_weight >= 0 and self.palette_temperature > 0,
+             "stage.palette_weight must be >= 0 and stage.palette_temperature > 0"),
             (self.latent_noise >= 0, "stage.latent_noise must be >= 0"),
             (0 <= self.lr_min_ratio <= 1, "stage.lr_min_ratio must be in [0, 1]"),
             (self.threads >= 1, "stage.threads must be >= 1"),
@@ -99,7 +122,8 @@ class Config:
 
     def model_config(self) -> SmallVAEConfig:
         return SmallVAEConfig(encoder_channels=self.encoder_channels, encoder_blocks=self.encoder_blocks,
-                              decoder_channels=self.decoder_channels, decoder_blocks=self.decoder_blocks)
+                              decoder_channels=self.decoder_channels, decoder_blocks=self.decoder_blocks,
+                              output=self.output)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -110,39 +134,73 @@ def frames_to_tensor(frames: np.ndarray) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
+_JUDGE_COLORS = np.array([(0, 0, 0), *shapes.COLORS.values()], dtype=np.float64)
+_JUDGE_NAMES = ("black", *shapes.COLORS)
+
+
+def judged_color(rgb: Sequence[int]) -> str:
+    """The palette name (or "black") the ShapesBench judge assigns to an RGB colour: the nearest one."""
+    return _JUDGE_NAMES[int(np.argmin(((_JUDGE_COLORS - np.asarray(rgb, dtype=np.float64)) ** 2).sum(1)))]
+
+
+def random_object_color(attrs: shapes.ObjectAttrs, rng: np.random.Generator) -> tuple[int, int, int]:
+    """A uniformly random RGB colour for an object with `attrs`, redrawn while the judge would call it black or
+    it would make the object a held-out combination (a yellow triangle, a purple object moving up)."""
+    while True:
+        rgb = tuple(int(v) for v in rng.integers(0, 256, 3))
+        name = judged_color(rgb)
+        if name != "black" and not dataclasses.replace(attrs, color=name).held_out:
+            return rgb
+
+
+def recolor(frames: np.ndarray, objects: Sequence[shapes.ObjectAttrs], rng: np.random.Generator) -> np.ndarray:
+    """A copy of `frames` in which every object's palette colour is replaced by `random_object_color`."""
+    out = frames.copy()
+    for attrs in objects:
+        out[np.all(frames == shapes.COLORS[attrs.color], axis=-1)] = random_object_color(attrs, rng)
+    return out
+
+
 class ClipSource:
-    """Training clips: rendered from seeds, or read from a `data shapes` folder (cached in memory, uint8)."""
+    """Training clips and their objects: rendered from seeds, or read from a `data shapes` folder (cached in
+    memory, uint8)."""
 
     def __init__(self, folder: str, size: int, frames: int) -> None:
         self.size, self.frames = size, frames
-        self.clips: list[np.ndarray] = []
+        self.clips: list[tuple[np.ndarray, tuple[shapes.ObjectAttrs, ...]]] = []
         if folder:
             for record in read_manifest(Path(folder) / MANIFEST_NAME):
                 clip = load_clip(Path(folder) / record["file"])
                 if clip.shape[1] != size or clip.shape[0] < frames:
                     raise InputError(f"{record['file']}: {clip.shape[0]}x{clip.shape[1]} px clip; the stage needs "
                                      f"{size} px and >= {frames} frames")
-                self.clips.append(clip)
+                self.clips.append((clip, shapes.parse_caption(record["caption"])))
 
-    def clip(self, index: int) -> np.ndarray:
-        """Dataset clip `index` modulo the dataset size, or the rendered clip with seed `index`."""
+    def clip(self, index: int) -> tuple[np.ndarray, tuple[shapes.ObjectAttrs, ...]]:
+        """Frames and objects of dataset clip `index` modulo the dataset size, or of the rendered clip with seed
+        `index`."""
         if self.clips:
             return self.clips[index % len(self.clips)]
-        return shapes.render_seed(index, self.size, self.frames)[1]
+        spec, frames = shapes.render_seed(index, self.size, self.frames)
+        return frames, spec.attrs
 
 
-def training_batch(source: ClipSource, seed: int, step: int, batch: int, frames: int, crop: int = 0) -> Tensor:
+def training_batch(source: ClipSource, seed: int, step: int, batch: int, frames: int, crop: int = 0,
+                   recolor_prob: float = 0.0) -> Tensor:
     """Pixels `[batch, frames, 3, H, W]` of step `step`, a pure function of (seed, step): windows of `frames`
-    frames at random offsets, cropped to random 8-aligned `crop` x `crop` squares when `crop` > 0."""
+    frames at random offsets, cropped to random 8-aligned `crop` x `crop` squares when `crop` > 0, with the
+    objects recoloured (`recolor`) with probability `recolor_prob`."""
     rng = np.random.default_rng([seed, step])
     windows = []
     for _ in range(batch):
-        clip = source.clip(int(rng.integers(0, 2**53)))
+        clip, objects = source.clip(int(rng.integers(0, 2**53)))
         start = int(rng.integers(0, clip.shape[0] - frames + 1))
         window = clip[start:start + frames]
         if crop:
             top, left = (8 * int(rng.integers(0, (clip.shape[1] - crop) // 8 + 1)) for _ in range(2))
             window = window[:, top:top + crop, left:left + crop]
+        if recolor_prob and rng.random() < recolor_prob:
+            window = recolor(window, objects, rng)
         windows.append(frames_to_tensor(window))
     return torch.stack(windows)
 
@@ -168,10 +226,29 @@ def reconstruction_loss(model: SmallVAE, pixels: Tensor, stage: Config, gen: tor
     diff = out - pixels
     terms = {"l1": diff.abs().mean(), "l2": diff.pow(2).mean(),
              "edge": ((diff.diff(dim=-1)).abs().mean() + (diff.diff(dim=-2)).abs().mean()),
-             "latent_l2": z.pow(2).mean()}
+             "palette": palette_loss(out, pixels, stage.palette_temperature) if stage.palette_weight else
+             torch.zeros(()), "latent_l2": z.pow(2).mean()}
     terms["loss"] = (stage.l1_weight * terms["l1"] + stage.l2_weight * terms["l2"]
-                     + stage.edge_weight * terms["edge"] + stage.latent_l2_weight * terms["latent_l2"])
+                     + stage.edge_weight * terms["edge"] + stage.palette_weight * terms["palette"]
+                     + stage.latent_l2_weight * terms["latent_l2"])
     return terms
+
+
+def palette_loss(out: Tensor, target: Tensor, temperature: float) -> Tensor:
+    """Cross-entropy between the judge's colour classes of the target pixels (nearest of black + palette, hard)
+    and of the output pixels (softmax of -squared distance / temperature), pixels `[..., 3, H, W]` in [-1, 1].
+
+    Near zero where an output pixel is clearly nearest to its target's class; large where the judge would
+    assign it another colour (soft edges and thin tips of shapes), which L1/L2 weigh no more than other pixels.
+    """
+    centres = torch.from_numpy(_JUDGE_COLORS / 127.5 - 1.0).float()  # [K, 3]
+
+    def sq_dist(x: Tensor) -> Tensor:  # [..., 3, H, W] -> [..., K, H, W]
+        return (x.unsqueeze(-4) - centres.view(-1, 3, 1, 1)).pow(2).sum(-3)
+
+    labels = sq_dist(target).argmin(-3)
+    logits = -sq_dist(out) / temperature
+    return F.cross_entropy(logits.flatten(0, -4), labels.flatten(0, -3))
 
 
 def learning_rate(cfg: Any, step: int) -> float:
@@ -279,6 +356,15 @@ def _load(folder: Path, model: SmallVAE, ema: EMA | None, optimizer: torch.optim
 # ---------------------------------------------------------------------------------------------------------------
 # The stage
 # ---------------------------------------------------------------------------------------------------------------
+def _load_init(model: SmallVAE, folder: str) -> None:
+    """Start from the weights of a `SmallVAE` folder (a previous run's `final`) with the same architecture."""
+    init = SmallVAE.from_folder(folder)
+    stats = {"latents_mean": model.config.latents_mean, "latents_std": model.config.latents_std}
+    if dataclasses.replace(init.config, **stats) != model.config:
+        raise ConfigError(f"train.init {folder} has another architecture than the stage config")
+    model.load_state_dict(init.state_dict())
+
+
 def _final_model(model: SmallVAE, ema: EMA | None) -> SmallVAE:
     """A frozen copy of the trained model (the EMA weights when EMA is on)."""
     final = SmallVAE(model.config)
@@ -322,6 +408,8 @@ def run(cfg: Any, resume: bool = False) -> Path:
         raise ConfigError(f"{out} already has checkpoints; pass --resume to continue or choose another train.out_dir")
     torch.manual_seed(cfg.train.seed)
     model = SmallVAE(stage.model_config()).train()
+    if cfg.train.init and latest is None:
+        _load_init(model, cfg.train.init)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
                                   weight_decay=cfg.optim.weight_decay)
     ema = EMA(model, cfg.ema.decay) if cfg.ema.decay > 0 else None
@@ -342,7 +430,8 @@ def run(cfg: Any, resume: bool = False) -> Path:
         for group in optimizer.param_groups:
             group["lr"] = lr
         crop = stage.crop if step < stage.crop_steps else 0
-        pixels = training_batch(source, cfg.train.seed, step, cfg.data.batch_size, stage.frames, crop)
+        pixels = training_batch(source, cfg.train.seed, step, cfg.data.batch_size, stage.frames, crop,
+                                stage.recolor_prob)
         terms = reconstruction_loss(model, pixels, stage, gen, bf16)
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
