@@ -16,6 +16,15 @@ def test_recipe_runs_every_step_and_skips_finished_ones(tmp_path):
     assert all(step.output.exists() for step in recipe.steps)
     summary = json.loads((tmp_path / "eval" / "dmd_causal_ode_framewise" / "summary.json").read_text())
     assert summary["seeds"][0]["all"]["n"] == 4
+    from causal_forcing.pipelines.loading import load_pipeline
+    shipped = json.loads((tmp_path / "pipelines" / "shipped.json").read_text())
+    assert shipped["shapes_chunkwise"]["model"] == "dmd_causal_ode_chunkwise"
+    for name, block in (("shapes_framewise", 1), ("shapes_chunkwise", 3)):
+        pipe = load_pipeline(tmp_path / "pipelines" / name)   # loads, with the shared VAE folder next to it
+        assert pipe.stream_config.block_size == block
+    report = tmp_path / "report"
+    assert "dmd_self_forcing_ode_framewise" in (report / "scores.md").read_text()
+    assert all((report / f).stat().st_size > 0 for f in ("scores.json", "scores.png", "curves.png", "samples.gif"))
     logs.clear()
     recipe.run(log=logs.append)                       # everything done: every step is skipped
     assert all(line.startswith("[skip]") for line in logs)

@@ -105,8 +105,12 @@ class ShapesRecipe:
             Path(f"{out}.partial").rename(out)
         return go
 
-    def _evaluate(self, name: str, model_dir: Path, kind: str, block: int) -> Callable[[], None]:
+    def _evaluate(self, name: str, model_dir: Path, kind: str, block: int,
+                  steps: int | None = None) -> Callable[[], None]:
+        """ShapesBench on the 200-prompt set: few-step models over `self.seeds` seeds (with one of the released
+        1/2/4-step lists when `steps` is given), the many-step teachers once."""
         def go() -> None:
+            from ..pipelines.loading import RELEASED_STEPS
             from ..checkpoints import load_dit_weights, load_into
             from ..eval.models import EvalSettings, evaluate
             from ..models.small_vae import SmallVAE
@@ -120,13 +124,15 @@ class ShapesRecipe:
             out = self.p("eval", name)
             reports = []
             for seed in range(self.seeds if kind == "causal" else 1):
+                every, first = RELEASED_STEPS[steps or 4]
                 settings = EvalSettings(kind=kind, block_size=block, seed=1000 * seed,  # type: ignore[arg-type]
-                                        teacher_steps=4 if self.quick else 20)
+                                        steps=every, first_block_steps=first, teacher_steps=4 if self.quick else 20)
                 rep = evaluate(model, vae, text, self.p("data", "eval", "manifest.jsonl"), settings,
                                out_dir=out / f"seed{seed}", limit=4 if self.quick else None, progress=True)
                 reports.append(rep)
             tmp = out / "summary.json.tmp"
             tmp.write_text(json.dumps({"model": name, "kind": kind, "block_size": block,
+                                       "steps": (steps or 4) if kind == "causal" else None,
                                        "seeds": [{k: r[k] for k in ("in_distribution", "held_out", "all")}
                                                  for r in reports]}, indent=1))
             tmp.rename(out / "summary.json")
@@ -179,7 +185,50 @@ class ShapesRecipe:
             for model in (name, f"dmd_{name}"):
                 S.append(Step(f"eval-{model}", self.p("eval", model, "summary.json"),
                               self._evaluate(model, self.final(model), "causal", block)))
+            for steps in (2, 1):  # the DMD students with the released fewer-step lists (trained at 4 steps)
+                model = f"dmd_{name}"
+                S.append(Step(f"eval-{model}-{steps}step", self.p("eval", f"{model}_{steps}step", "summary.json"),
+                              self._evaluate(f"{model}_{steps}step", self.final(model), "causal", block, steps)))
+        S.append(Step("ship", self.p("pipelines", "shipped.json"), self._ship))
+        S.append(Step("report", self.p("report", "scores.md"), self._report))
         return S
+
+    def _ship(self) -> None:
+        """Pipeline folders of the models to bundle, sharing one VAE folder: ``pipelines/shapes_vae``,
+        ``pipelines/shapes_framewise`` (the best-scoring frame-wise causal-init DMD student, in-distribution Total
+        over the evaluation seeds) and ``pipelines/shapes_chunkwise`` (causal ODE init + DMD). Copy the three
+        folders into ``causal_forcing/assets/`` to bundle them; ``shipped.json`` records what was chosen."""
+        from ..checkpoints import load_dit_weights
+        from ..models.small_vae import SmallVAE
+        from ..pipelines.loading import PipelineSpec, TextEncoderSpec, VAESpec, save_pipeline_folder
+        from .report import CAUSAL_INITS, collect
+
+        scores = {m.name: m.stat("in_distribution", "total")[0] for m in collect(self.out)}
+        candidates = [n for n in CAUSAL_INITS if n in scores]
+        if not candidates:
+            raise InputError(f"no evaluated frame-wise causal-init DMD model to ship (looked for {CAUSAL_INITS})")
+        framewise = max(candidates, key=lambda n: scores[n])
+        chosen = {"shapes_framewise": (framewise, 1), "shapes_chunkwise": ("dmd_causal_ode_chunkwise", 3)}
+        pipes = self.p("pipelines")
+        SmallVAE.from_folder(self.p("vae")).save_folder(pipes / "shapes_vae")
+        for folder, (model, block) in chosen.items():
+            state, config = load_dit_weights(self.final(model))
+            spec = PipelineSpec(block_size=block, steps=tuple(FEW_STEP), latent_hw=(8, 8),
+                                text_encoder=TextEncoderSpec(kind="minilm", text_len=TEXT_LEN),
+                                vae=VAESpec(kind="small", path="../shapes_vae"))
+            save_pipeline_folder(pipes / folder, spec, state, config=config)
+        record = {name: {"model": model, "block_size": block, "in_distribution_total": scores.get(model)}
+                  for name, (model, block) in chosen.items()}
+        tmp = pipes / "shipped.json.tmp"
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
+        tmp.rename(pipes / "shipped.json")
+
+    def _report(self) -> None:
+        from .report import write_report
+        write_report(self.out, sample_models=["bidirectional", "ar_framewise", "self_forcing_ode_framewise",
+                                              "dmd_self_forcing_ode_framewise", "causal_ode_framewise",
+                                              "dmd_causal_ode_framewise", "dmd_causal_cd_framewise",
+                                              "dmd_causal_ode_chunkwise"])
 
     def _encode_complete(self) -> None:
         self._encode()

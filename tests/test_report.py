@@ -1,0 +1,79 @@
+"""The recipe's results report: seed statistics, the key comparison's verdict, plots and the sample grid."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageSequence
+
+from causal_forcing.recipes import report
+
+
+def seed_report(total: float, all_correct: float = 0.5) -> dict:
+    split = {key: total for key in report.COLUMNS} | {"all_correct": all_correct}
+    return {"in_distribution": split, "held_out": {key: total / 2 for key in report.COLUMNS}, "all": split}
+
+
+def write_summary(out: Path, name: str, totals: list[float], *, kind: str = "causal", steps: int | None = 4) -> None:
+    folder = out / "eval" / name
+    folder.mkdir(parents=True)
+    (folder / "summary.json").write_text(json.dumps({"model": name, "kind": kind, "block_size": 1, "steps": steps,
+                                                     "seeds": [seed_report(t) for t in totals]}))
+
+
+@pytest.mark.parametrize(("causal", "baseline", "verdict"), [
+    ([0.80, 0.82, 0.84], [0.60, 0.62, 0.64], "reproduced"),
+    ([0.80, 0.82, 0.84], [0.79, 0.83, 0.81], "inconclusive"),
+    ([0.50, 0.52, 0.54], [0.80, 0.82, 0.84], "reversed"),
+])
+def test_key_comparison_verdict(tmp_path: Path, causal: list[float], baseline: list[float], verdict: str) -> None:
+    write_summary(tmp_path, "dmd_causal_ode_framewise", causal)
+    write_summary(tmp_path, "dmd_causal_cd_framewise", [c - 0.1 for c in causal])   # the weaker causal init
+    write_summary(tmp_path, report.SELF_FORCING_INIT, baseline)
+    result = report.key_comparison(report.collect(tmp_path))
+    assert result is not None
+    assert result["verdict"] == verdict and result["causal_model"] == "dmd_causal_ode_framewise"
+    assert result["causal_total"] == pytest.approx([np.mean(causal), np.std(causal, ddof=1)])
+    assert result["self_forcing_total"] == pytest.approx([np.mean(baseline), np.std(baseline, ddof=1)])
+
+
+def test_key_comparison_needs_both_sides(tmp_path: Path) -> None:
+    write_summary(tmp_path, "dmd_causal_ode_framewise", [0.8, 0.9])
+    assert report.key_comparison(report.collect(tmp_path)) is None
+
+
+def test_write_report_tables_and_plots(tmp_path: Path) -> None:
+    write_summary(tmp_path, "bidirectional", [0.9], kind="bidirectional", steps=None)
+    write_summary(tmp_path, "dmd_causal_ode_framewise", [0.7, 0.8, 0.9])
+    write_summary(tmp_path, report.SELF_FORCING_INIT, [0.4, 0.5, 0.6])
+    run = tmp_path / "runs" / "bidirectional"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1 / s}) + "\n" for s in range(1, 30)))
+    folder = report.write_report(tmp_path)
+    text = (folder / "scores.md").read_text()
+    assert "| dmd_causal_ode_framewise | 1 | 4-step streaming | 3 | 0.800 ± 0.100 |" in text
+    assert "| bidirectional | 1 | bidirectional teacher, many steps | 1 | 0.900 |" in text
+    assert "**reproduced**" in text
+    data = json.loads((folder / "scores.json").read_text())
+    assert data["key_comparison"]["difference"] == pytest.approx(0.3)
+    for png in ("scores.png", "curves.png"):
+        with Image.open(folder / png) as image:
+            assert image.format == "PNG" and min(image.size) > 100
+    assert not list(folder.glob(".*tmp*"))
+
+
+def test_sample_grid_tiles_clips(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    # flat-coloured clips (GIF palettes keep a few flat colours exactly), one colour per clip and frame
+    clips = [[np.broadcast_to(rng.integers(0, 256, (t, 1, 1, 3), dtype=np.uint8), (t, 8, 8, 3)).copy()
+              for t in (5, 6)] for _ in range(2)]
+    path = report.sample_grid(clips, tmp_path / "grid.gif", gap=2)
+    with Image.open(path) as image:
+        gif = np.stack([np.asarray(frame.convert("RGB")) for frame in ImageSequence.Iterator(image)])
+    assert gif.shape[:3] == (5, 2 * 8 + 2, 2 * 8 + 2)   # cut to the shortest clip; 2 x 2 tiles with a gap
+    for r in range(2):
+        for c in range(2):
+            tile = gif[:, r * 10:r * 10 + 8, c * 10:c * 10 + 8, :3]
+            np.testing.assert_allclose(tile.astype(int), clips[r][c][:5].astype(int), atol=8)
