@@ -43,8 +43,6 @@ from causal_forcing.models.wan import WanDiT  # noqa: E402
 from causal_forcing.pipelines.interactive import (  # noqa: E402
     InteractiveStream,
     LatentHistory,
-    rewind_cache,
-    rewindable_frames,
     switch_context,
     windowed_config,
 )
@@ -209,8 +207,8 @@ def test_recache_equals_a_fresh_cache_committing_the_same_clean_frames(tiny_mode
     cache = stream.cache
     rolled = cache.evicted > 0
     whole = -(-recache_frames // config.block_size) * config.block_size
-    assert recached == min(whole, rewindable_frames(cache) // config.block_size * config.block_size) > 0
-    if rolled and recached < rewindable_frames(cache):
+    assert recached == min(whole, cache.rewindable_frames // config.block_size * config.block_size) > 0
+    if rolled and recached < cache.rewindable_frames:
         return  # partly re-cached rolled window: kept frames saw evicted ones; no fresh-cache truth exists
     first_new = stream.frame - recached
     truth = tiny_model.new_cache(batch_size=1, latent_hw=HW, capacity_frames=s["frames"] or 1,
@@ -242,13 +240,13 @@ def test_rewind_limits(tiny_model):
     stream.next_block()
     stream.next_block()
     stream.set_context(_ctx(tiny_model, 4))  # commits block 1: nothing evicted, both frames may be rewound
-    assert rewindable_frames(stream.cache) == 2
+    assert stream.cache.rewindable_frames == 2
     for _ in range(3):
         stream.next_block()
     stream.set_context(_ctx(tiny_model, 5))  # the window rolled: the sink frame stays
-    assert stream.cache.evicted > 0 and rewindable_frames(stream.cache) == 2
+    assert stream.cache.evicted > 0 and stream.cache.rewindable_frames == 2
     with pytest.raises(ValueError, match="cannot rewind 3"):
-        rewind_cache(stream.cache, 3)
+        stream.cache.rewind(3)
 
 
 def test_history_keeps_whole_blocks_and_rounds_up():

@@ -140,6 +140,26 @@ class KVCache:
         new_end = self.local_end - evict + num_tokens
         return CacheWrite(new_end - num_tokens, new_end, evict, end, self._sink_shift(self.evicted + evict))
 
+    @property
+    def rewindable_frames(self) -> int:
+        """Latent frames at the end of the cache that ``rewind`` may take back: everything written so far while
+        nothing was evicted; once the window rolls, the frames after the sink."""
+        floor = self.sink if self.evicted else 0
+        return max(self.local_end - floor, 0) // self.tokens_per_frame
+
+    def rewind(self, frames: int) -> None:
+        """Forget the last ``frames`` latent frames written, so the next write for them appends again in place.
+
+        The slots keep their data until overwritten; eviction count and sink rotation are unchanged, so frames
+        written again at the same positions land in the same slots with the same RoPE as before (the prompt
+        switch's re-cache, ``pipelines.interactive``).
+        """
+        if frames < 0 or frames > self.rewindable_frames:
+            raise ValueError(f"cannot rewind {frames} frame(s); the cache can rewind {self.rewindable_frames}")
+        tokens = frames * self.tokens_per_frame
+        self.local_end -= tokens
+        self.global_end -= tokens
+
     def _sink_shift(self, evicted_tokens: int) -> int:
         if self.sink_rope != "rolling" or self.sink == 0:
             return 0

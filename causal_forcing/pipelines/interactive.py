@@ -41,8 +41,6 @@ __all__ = [
     "LatentHistory",
     "RollingTiming",
     "recache",
-    "rewind_cache",
-    "rewindable_frames",
     "switch_context",
     "windowed_config",
 ]
@@ -60,28 +58,6 @@ def windowed_config(config: StreamConfig, window_frames: int, sink_frames: int =
                     sink_rope: SinkRope = "rolling") -> StreamConfig:
     """``config`` with a rolling KV cache of ``window_frames`` latent frames whose first ``sink_frames`` stay."""
     return dataclasses.replace(config, window_frames=window_frames, sink_frames=sink_frames, sink_rope=sink_rope)
-
-
-def rewindable_frames(cache: KVCache) -> int:
-    """Latent frames at the end of the cache that ``rewind_cache`` may take back.
-
-    Everything written so far while nothing was evicted; once the window rolls, the frames after the sink.
-    """
-    floor = cache.sink if cache.evicted else 0
-    return max(cache.local_end - floor, 0) // cache.tokens_per_frame
-
-
-def rewind_cache(cache: KVCache, frames: int) -> None:
-    """Forget the last ``frames`` latent frames written, so the next write for them appends again in place.
-
-    The slots keep their data until overwritten; eviction count and sink rotation are unchanged, so frames
-    written again at the same positions land in the same slots with the same RoPE as before.
-    """
-    if frames < 0 or frames > rewindable_frames(cache):
-        raise ValueError(f"cannot rewind {frames} frame(s); the cache can rewind {rewindable_frames(cache)}")
-    tokens = frames * cache.tokens_per_frame
-    cache.local_end -= tokens
-    cache.global_end -= tokens
 
 
 class LatentHistory:
@@ -139,7 +115,7 @@ def recache(stream: CausalStream, blocks: list[tuple[int, Tensor]]) -> int:
                          f"{cache.num_frames} frame(s) and the stream is at {stream.frame}; commit first")
     if any(s + b.shape[1] != s_next for (s, b), (s_next, _) in zip(blocks, blocks[1:])):
         raise ValueError("the blocks to re-cache are not contiguous")
-    rewind_cache(cache, frames)
+    cache.rewind(frames)
     for start, latents in blocks:
         commit_block(stream.model, latents, context=stream.context, cache=cache, start_frame=start, t=0.0,
                      trace=stream.trace, block=stream.block - 1, kind="recache")
@@ -153,7 +129,7 @@ def switch_context(stream: CausalStream, context: Tensor, history: LatentHistory
     stream.set_context(context)  # commits the last block under the prompt it was made with
     if recache_frames <= 0 or history is None:
         return 0
-    return recache(stream, history.suffix(recache_frames, rewindable_frames(stream.cache)))
+    return recache(stream, history.suffix(recache_frames, stream.cache.rewindable_frames))
 
 
 # ---------------------------------------------------------------------------------------------------------------
