@@ -132,10 +132,15 @@ def test_pipeline_spec_is_strict(folder, tmp_path):
     for edit, message in ((dict(blocks=1), "unknown config key 'blocks'"), (dict(block_size="1"), "integer"),
                           (dict(num_frames=10), "1 \\+ 4k"), (dict(format_version=2), "not supported"),
                           (dict(text_encoder={"kind": "clip", "text_len": 16}), "unknown text encoder"),
-                          (dict(vae={"kind": "taehv", "path": "vae"}), "unknown VAE kind")):
+                          (dict(vae={"kind": "taehv", "path": "vae"}), "unknown VAE kind"),
+                          (dict(window_frames=6, sink_frames=1, sink_rope="sliding"), "sink_rope")):
         (tmp_path / "pipeline.json").write_text(json.dumps({**data, **edit}))
         with pytest.raises(ConfigError, match=message):
             read_pipeline_spec(tmp_path)
+    (tmp_path / "pipeline.json").write_text(json.dumps({**data, "window_frames": 6, "sink_frames": 1,
+                                                        "sink_rope": "rolling"}))
+    config = read_pipeline_spec(tmp_path).stream_config()
+    assert (config.window_frames, config.sink_frames, config.sink_rope) == (6, 1, "rolling")
 
 
 def test_released_spec_matches_the_released_configs(tmp_path):

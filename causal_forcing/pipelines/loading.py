@@ -156,6 +156,7 @@ class PipelineSpec:
     commit_t: float = 0.0
     window_frames: int | None = None
     sink_frames: int = 0
+    sink_rope: str = "absolute"
     num_frames: int = 81
     fps: int = 16
     pix_fmt: str | None = None
@@ -195,8 +196,11 @@ class PipelineSpec:
             raise ValueError(f"sigma_mode must be 'grid' or 'exact', got {self.sigma_mode!r}")
         if self.window_frames is not None and not 0 <= self.sink_frames < self.window_frames:
             raise ValueError(f"sink_frames must be in [0, window_frames), got {self.sink_frames}")
+        if self.sink_rope not in ("absolute", "rolling"):
+            raise ValueError(f"sink_rope must be 'absolute' or 'rolling', got {self.sink_rope!r}")
         return StreamConfig(block_size=self.block_size, schedule=self.schedule(), commit_t=self.commit_t,
-                            window_frames=self.window_frames, sink_frames=self.sink_frames)
+                            window_frames=self.window_frames, sink_frames=self.sink_frames,
+                            sink_rope=self.sink_rope)
 
     def with_steps(self, steps: int) -> PipelineSpec:
         """The same pipeline with one of the released 1/2/4-step lists."""
