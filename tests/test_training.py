@@ -179,3 +179,21 @@ def test_plot_and_export_commands(dataset, tmp_path, capsys):
     c, _ = load_dit_weights(tmp_path / "f")
     d, _ = load_dit_weights(out / "final")
     assert all(torch.equal(a[k], b[k]) and torch.equal(c[k], d[k]) for k in a)
+
+
+def test_ema_follows_the_reference_schedule(dataset, tmp_path):
+    """EMA created at `ema.start_step` from the weights before that step's update, then updated after every
+    update (spec §7): with decay d, ema = d^2 w1 + d(1-d) w2 + (1-d) w3 ... checked against the raw weights that
+    the per-step checkpoints hold."""
+    out = tmp_path / "run"
+    run_stage("ar-diffusion", None, _args(dataset, out, 4, **{"ema.start_step": 2, "ema.decay": 0.5,
+                                                               "train.keep_checkpoints": 10}))
+    raw = [torch.load(out / "checkpoints" / f"step-{n:08d}" / "rank-0.pt", weights_only=True)["nets"]["generator"]
+           ["model"] for n in (2, 3, 4)]
+    ema = load_file(str(out / "final_ema" / "model.safetensors"))
+    assert ema.keys() <= raw[0].keys()
+    for key, value in ema.items():
+        expected = raw[0][key]                       # created from the weights after 2 updates (steps 0 and 1)
+        for later in raw[1:]:
+            expected = 0.5 * expected + 0.5 * later[key]
+        torch.testing.assert_close(value, expected, rtol=0, atol=1e-6)

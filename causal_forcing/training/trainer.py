@@ -233,6 +233,8 @@ class Trainer:
             gn = torch.nn.utils.clip_grad_norm_(params, tr.grad_clip)
         else:
             gn = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(_full(p.grad)) for p in params]))
+        if tr.ema_decay > 0 and tr.ema is None and self.step >= tr.ema_start:
+            tr.ema = EMA(tr.raw, tr.ema_decay)  # from the weights before this update; updated just below
         if self._scaler is not None:
             self._scaler.step(tr.optimizer)
             self._scaler.update()
@@ -242,11 +244,8 @@ class Trainer:
         lr = tr.scheduler.get_last_lr()[0]
         tr.scheduler.step()
         tr.updates += 1
-        if tr.ema_decay > 0:
-            if tr.ema is None and self.step >= tr.ema_start:
-                tr.ema = EMA(tr.raw, tr.ema_decay)
-            elif tr.ema is not None:
-                tr.ema.update(tr.raw)
+        if tr.ema is not None:
+            tr.ema.update(tr.raw)
         return {f"{name}/grad_norm": float(_full(gn)), f"{name}/lr": lr}
 
     def randn(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
