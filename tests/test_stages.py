@@ -161,3 +161,19 @@ def test_dmd_generator_gradient_is_normalised_score_difference():
     x0_real = x0_c + 3.0 * (x0_c - x0_c)
     expected = (x0_fake - x0_real) / (x.detach() - x0_real).abs().mean() / x.numel()
     assert torch.allclose(x.grad, expected, atol=1e-6)
+
+
+def test_ode_data_default_keep_points_are_the_four_step_timesteps():
+    """Whatever the grid length, the default kept points are the warped 4-step timesteps (1000, 750, 500, 250
+    before the shift-5 warp), which is what the few-step student is trained at."""
+    from causal_forcing.errors import ConfigError
+    from causal_forcing.schedulers.flow import warp_timesteps
+    from causal_forcing.training.ode_data import Config, _kept_timesteps
+    expected = [float(t) for t in warp_timesteps([1000.0, 750.0, 500.0, 250.0], 5.0)]
+    for steps in (16, 32, 48):
+        for kind, tail in (("causal", [-2, -1]), ("bidirectional", [-1])):
+            cfg = Config(teacher="t", out="o", steps=steps, kind=kind)
+            assert cfg.keep_indices()[4:] == tail
+            assert _kept_timesteps(cfg) == pytest.approx(expected, abs=1e-3)
+    with pytest.raises(ConfigError, match="multiple of 4"):
+        Config(teacher="t", out="o", steps=30).validate()

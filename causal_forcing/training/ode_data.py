@@ -40,7 +40,8 @@ class Config:
     steps: int = 48
     shift: float = 5.0
     guidance: float = 6.0
-    keep: list[int] = field(default_factory=list)   # default: [0,12,24,36,-2,-1] causal / [0,12,24,36,-1] bidir.
+    keep: list[int] = field(default_factory=list)   # default: the 4-step points 0, S/4, S/2, 3S/4 of the S-step
+                                                    # grid, then [-2, -1] causal / [-1] bidirectional
     method: Literal["blockwise-kv", "teacher-forcing"] = "blockwise-kv"
     out: str = ""                             # output dataset folder
     num_samples: int = 0                      # 0 = every sample of data.path
@@ -54,11 +55,15 @@ class Config:
             raise ConfigError("stage.out: output dataset folder is required")
         if self.block_size < 1 or self.steps < 2 or self.batch_size < 1:
             raise ConfigError("stage.block_size, stage.batch_size must be >= 1 and stage.steps >= 2")
+        if not self.keep and self.steps % 4:
+            raise ConfigError(f"stage.steps must be a multiple of 4 for the default stage.keep (the 4-step "
+                              f"points of the grid), got {self.steps}; or give stage.keep")
 
     def keep_indices(self) -> list[int]:
         if self.keep:
             return list(self.keep)
-        return [0, 12, 24, 36, -2, -1] if self.kind == "causal" else [0, 12, 24, 36, -1]
+        quarter = self.steps // 4   # 48 steps: [0, 12, 24, 36] = the warped 1000, 750, 500, 250
+        return [0, quarter, 2 * quarter, 3 * quarter] + ([-2, -1] if self.kind == "causal" else [-1])
 
 
 def sample_seed(seed: int, sample_id: str) -> int:
