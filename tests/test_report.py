@@ -77,3 +77,34 @@ def test_sample_grid_tiles_clips(tmp_path: Path) -> None:
         for c in range(2):
             tile = gif[:, r * 10:r * 10 + 8, c * 10:c * 10 + 8, :3]
             np.testing.assert_allclose(tile.astype(int), clips[r][c][:5].astype(int), atol=8)
+
+
+def test_ship_bundles_what_exists_and_stays_pending_until_complete(tmp_path: Path) -> None:
+    """With the chunk-wise student not trained yet, `ship` writes the frame-wise pipeline folder (the best
+    evaluated causal-init student) and a partial record, and is not marked done; with it, the step completes."""
+    from causal_forcing.checkpoints import save_model_folder
+    from causal_forcing.config import model_preset
+    from causal_forcing.models.small_vae import SmallVAE, SmallVAEConfig
+    from causal_forcing.models.wan import WanDiT
+    from causal_forcing.pipelines.loading import load_pipeline
+    from causal_forcing.recipes.shapes import ShapesRecipe
+
+    config = model_preset("shapes").replace(dim=32, ffn_dim=64, num_heads=2, num_layers=1)
+    write_summary(tmp_path, "dmd_causal_ode_framewise", [0.7, 0.7, 0.7])
+    write_summary(tmp_path, "dmd_causal_cd_framewise", [0.8, 0.8, 0.8])       # the better one is shipped
+    for name in ("dmd_causal_ode_framewise", "dmd_causal_cd_framewise"):
+        save_model_folder(WanDiT(config), config, tmp_path / "runs" / name / "final_ema")
+    SmallVAE(SmallVAEConfig(encoder_channels=(4, 4, 4, 8), decoder_channels=(8, 4, 4, 4))).save_folder(tmp_path / "vae")
+    recipe = ShapesRecipe(tmp_path)
+    ship = next(s for s in recipe.steps if s.name == "ship")
+    ship.run()
+    pipes = tmp_path / "pipelines"
+    assert not ship.output.exists() and not (pipes / "shapes_chunkwise").exists()
+    partial = json.loads((pipes / "shipped.partial.json").read_text())
+    assert partial["shapes_framewise"]["model"] == "dmd_causal_cd_framewise"
+    assert partial["not_trained_yet"] == ["dmd_causal_ode_chunkwise"]
+    assert load_pipeline(pipes / "shapes_framewise").block_size == 1
+    save_model_folder(WanDiT(config), config, tmp_path / "runs" / "dmd_causal_ode_chunkwise" / "final_ema")
+    ship.run()
+    assert ship.output.exists() and not (pipes / "shipped.partial.json").exists()
+    assert load_pipeline(pipes / "shapes_chunkwise").block_size == 3

@@ -209,6 +209,8 @@ class ShapesRecipe:
             raise InputError(f"no evaluated frame-wise causal-init DMD model to ship (looked for {CAUSAL_INITS})")
         framewise = max(candidates, key=lambda n: scores[n])
         chosen = {"shapes_framewise": (framewise, 1), "shapes_chunkwise": ("dmd_causal_ode_chunkwise", 3)}
+        missing = [model for model, _ in chosen.values() if not self.final(model).exists()]
+        chosen = {k: v for k, v in chosen.items() if v[0] not in missing}
         pipes = self.p("pipelines")
         SmallVAE.from_folder(self.p("vae")).save_folder(pipes / "shapes_vae")
         for folder, (model, block) in chosen.items():
@@ -219,9 +221,16 @@ class ShapesRecipe:
             save_pipeline_folder(pipes / folder, spec, state, config=config)
         record = {name: {"model": model, "block_size": block, "in_distribution_total": scores.get(model)}
                   for name, (model, block) in chosen.items()}
-        tmp = pipes / "shipped.json.tmp"
-        tmp.write_text(json.dumps(record, indent=1) + "\n")
-        tmp.rename(pipes / "shipped.json")
+        # The step is done (shipped.json) only when every model is there; until then the folders of the models
+        # that exist are written and the step runs again (seconds) on the next call.
+        name = "shipped.partial.json" if missing else "shipped.json"
+        tmp = pipes / f"{name}.tmp"
+        tmp.write_text(json.dumps({**record, "not_trained_yet": missing} if missing else record, indent=1) + "\n")
+        tmp.rename(pipes / name)
+        if missing:
+            print(f"ship: not trained yet, not shipped: {', '.join(missing)}; run the recipe again to finish")
+        else:
+            (pipes / "shipped.partial.json").unlink(missing_ok=True)
 
     def _report(self) -> None:
         from .report import write_report
