@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -283,3 +284,38 @@ def test_cli_bad_arguments_exit_2_with_one_line(tmp_path, capsys, argv):
     assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("causal-forcing ") and "error:" in err and len(err.splitlines()) == 1
+
+
+def test_cli_eval_model_scores_a_checkpoint(tmp_path, capsys):
+    """`eval model` generates the manifest's prompts with a DiT folder and reports what the judge says of them."""
+    from causal_forcing.checkpoints import save_model_folder
+    from causal_forcing.config import model_preset
+    from causal_forcing.models.small_vae import SmallVAE, SmallVAEConfig
+    from causal_forcing.models.wan import WanDiT
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    config = model_preset("shapes").replace(dim=32, ffn_dim=64, num_heads=2, num_layers=1)
+    save_model_folder(WanDiT(config), config, tmp_path / "dit")
+    SmallVAE(SmallVAEConfig(encoder_channels=(4, 4, 4, 8), decoder_channels=(8, 4, 4, 4))).save_folder(tmp_path / "vae")
+    manifest = tmp_path / "manifest.jsonl"
+    captions = ["a small red circle moving right", "a big blue square standing still", "a small green triangle moving up"]
+    manifest.write_text("".join(json.dumps({"file": f"eval_{i:03d}.npz", "caption": c}) + "\n"
+                                for i, c in enumerate(captions)))
+    for kind, extra in (("causal", ["--steps", "2"]), ("bidirectional", ["--teacher-steps", "2"]),
+                        ("autoregressive", ["--teacher-steps", "2", "--block-size", "3"])):
+        out = tmp_path / kind
+        capsys.readouterr()
+        assert main(["eval", "model", "--weights", str(tmp_path / "dit"), "--kind", kind, "--manifest",
+                     str(manifest), "--vae", str(tmp_path / "vae"), "--limit", "2", "--out", str(out), *extra]) == 0
+        summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        saved = json.loads((out / "scores.json").read_text())
+        assert summary["kind"] == kind and summary["in_distribution"] == saved["in_distribution"]
+        assert saved["all"]["n"] == 2 and sorted(os.listdir(out)) == ["eval_000.mp4", "eval_001.mp4", "scores.json"]
+        assert 0.0 <= summary["in_distribution"]["total"] <= 1.0
+    for bad in (["--weights", str(tmp_path / "missing")], ["--limit", "0"], ["--block-size", "0"]):
+        argv = ["eval", "model", "--weights", str(tmp_path / "dit"), "--kind", "causal", "--manifest", str(manifest),
+                "--vae", str(tmp_path / "vae"), *bad]
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("causal-forcing ") and len(err.splitlines()) == 1

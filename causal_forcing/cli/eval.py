@@ -1,4 +1,6 @@
-"""`causal-forcing eval shapes`: score videos with the ShapesBench judge."""
+"""`causal-forcing eval shapes`: score videos with the ShapesBench judge.
+`causal-forcing eval model`: generate the clips of a ShapesBench manifest with a DiT checkpoint (a few-step
+causal student, or a many-step AR / bidirectional teacher with CFG) and score them in memory."""
 from __future__ import annotations
 
 import argparse
@@ -29,6 +31,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "matches an entry by name, or by stem with any of .mp4/.npz/.npy")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the full report (per clip) here")
     p.set_defaults(func=run_shapes)
+
+    m = benches.add_parser(
+        "model", help="generate a ShapesBench prompt set with a DiT checkpoint and score it",
+        description="Generate one clip per manifest prompt with a DiT (a folder with config.json and weights, "
+                    "e.g. a run's final_ema/) and score it with ShapesBench; prints the table and a final JSON "
+                    "line. Few-step causal students use the streaming sampler; teachers the many-step CFG samplers.")
+    m.add_argument("--weights", required=True, metavar="DIR", help="DiT model folder (config.json + weights)")
+    m.add_argument("--kind", required=True, choices=("causal", "autoregressive", "bidirectional"),
+                   help="causal = few-step student; autoregressive / bidirectional = many-step teachers")
+    m.add_argument("--manifest", required=True, metavar="FILE", help="ShapesBench manifest (JSONL with 'caption')")
+    m.add_argument("--vae", default="shapes", metavar="DIR",
+                   help="VAE: 'shapes' (the bundled ShapesWorld VAE, default) or a VAE folder")
+    m.add_argument("--block-size", type=int, default=1, help="latent frames per block (causal kinds; default 1)")
+    m.add_argument("--steps", type=int, default=4, choices=(1, 2, 4),
+                   help="few-step list of a causal student (the released 1/2/4-step lists; default 4)")
+    m.add_argument("--teacher-steps", type=int, default=20, help="sampling steps of a teacher (default 20)")
+    m.add_argument("--guidance", type=float, default=4.0, help="CFG scale of a teacher (default 4)")
+    m.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    m.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N prompts")
+    m.add_argument("--batch-size", type=int, default=25, help="prompts generated together (default 25)")
+    m.add_argument("--out", default=None, metavar="DIR", help="write scores.json and the first clips as MP4 here")
+    m.add_argument("--save-videos", type=int, default=8, metavar="N", help="clips written to --out (default 8)")
+    m.set_defaults(func=run_model)
 
 
 def _cell(value: object) -> str:
@@ -64,4 +89,40 @@ def run_shapes(args: argparse.Namespace) -> int:
                "in_distribution": report["in_distribution"], "held_out": report["held_out"],
                "n_errors": report["n_errors"]}
     print(json.dumps(summary))
+    return 0
+
+
+def run_model(args: argparse.Namespace) -> int:
+    """Generate and judge the manifest's prompts with one checkpoint; print the table and a final JSON line."""
+    from ..checkpoints import load_dit_weights, load_into
+    from ..errors import InputError
+    from ..eval.models import EvalSettings, evaluate
+    from ..models.small_vae import load_vae
+    from ..models.text import build_text_encoder
+    from ..models.wan import WanDiT
+    from ..pipelines.loading import RELEASED_STEPS
+
+    for name, value, low in (("--block-size", args.block_size, 1), ("--teacher-steps", args.teacher_steps, 1),
+                             ("--batch-size", args.batch_size, 1),
+                             ("--limit", 1 if args.limit is None else args.limit, 1)):
+        if value < low:
+            raise InputError(f"{name} must be >= {low}, got {value}")
+    state, config = load_dit_weights(args.weights)
+    if config is None:
+        raise InputError(f"{args.weights}: no config.json next to the weights (pass a model folder)")
+    model = WanDiT(config)
+    load_into(model, state)
+    vae = load_vae(args.vae)
+    text = build_text_encoder("minilm", text_len=config.text_len)
+    every, first = RELEASED_STEPS[args.steps]
+    settings = EvalSettings(kind=args.kind, block_size=args.block_size, steps=every, first_block_steps=first,
+                            teacher_steps=args.teacher_steps, guidance=args.guidance, seed=args.seed,
+                            batch_size=args.batch_size, save_videos=args.save_videos)
+    report = evaluate(model, vae, text, args.manifest, settings, out_dir=args.out, limit=args.limit, progress=True)
+    print(format_table(report))
+    for err in report["errors"]:
+        print(f"error: {err['file']}: {err['error']}")
+    print(json.dumps({"judge": report["judge"], "world": report["world"], "kind": args.kind,
+                      "in_distribution": report["in_distribution"], "held_out": report["held_out"],
+                      "n_errors": report["n_errors"], "seconds": round(report["seconds"], 1)}))
     return 0

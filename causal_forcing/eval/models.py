@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..data.shapes_io import read_manifest, save_mp4
+from ..errors import InputError
 from ..models.wan import WanDiT
 from ..pipelines.streaming import CausalStream, StreamConfig
 from ..pipelines.teacher import sample_autoregressive, sample_bidirectional
@@ -72,6 +73,8 @@ def evaluate(model: WanDiT, vae: Any, text_encoder: Any, manifest: str | Path, s
              out_dir: str | Path | None = None, limit: int | None = None, progress: bool = False) -> dict:
     """Generate and judge one clip per manifest entry; returns the ShapesBench report (plus timing)."""
     entries = read_manifest(manifest)[:limit]
+    if not entries:
+        raise InputError(f"no prompts to evaluate in {manifest}")
     model.eval()
     latent_frames = 1 + (settings.frames - 1) // 4
     size = entries[0].get("size", 64)
