@@ -529,6 +529,7 @@ def test_closing_the_socket_frees_the_session_and_its_cache(pipe):
             del session
         wait_for(lambda: not server.sessions)
         wait_for(lambda: cache() is None)  # by reference counting, no gc needed
+        assert not server.sessions and cache() is None
 
 
 def test_abrupt_disconnect_frees_the_session_under_uvicorn(pipe):

@@ -386,6 +386,8 @@ def test_strict_loading_names_the_bad_key(tmp_path: Path, model: AutoencoderKLWa
     state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "decoder.conv_in.bias"}
     save_file(state, str(diffusers_file))
     corrupt_and_expect(diffusers_file, TINY, "missing key 'decoder.conv_in.bias'")
+    torch.save(original, path)
+    assert isinstance(load_wan_vae(path, TINY), WanVAE)  # the intact file loads: the keys were the cause
 
 
 def test_unreadable_weight_files(tmp_path: Path, model: AutoencoderKLWan) -> None:
@@ -410,16 +412,30 @@ def test_unreadable_weight_files(tmp_path: Path, model: AutoencoderKLWan) -> Non
     corrupt_and_expect(tmp_path / "nested.pth", TINY, "not a flat dict")
     torch.save({"encoder.foo": torch.zeros(1)}, tmp_path / "other.pth")
     corrupt_and_expect(tmp_path / "other.pth", TINY, "neither an original Wan VAE nor a diffusers")
+    for good in (good_pth, good_st):  # the intact files load: damage was the cause
+        assert isinstance(load_wan_vae(good, TINY), WanVAE)
+
+
+_UNPICKLED: list[int] = []
+
+
+def _unpickle_payload() -> torch.Tensor:
+    _UNPICKLED.append(1)
+    return torch.zeros(1)
 
 
 class _Payload:
-    """An arbitrary picklable object: `weights_only=True` must refuse to construct it."""
+    """A pickle that runs code when loaded: `weights_only=True` must refuse to construct it."""
+
+    def __reduce__(self):
+        return _unpickle_payload, ()
 
 
 def test_pickled_objects_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "evil.pth"
     torch.save({"encoder.conv1.weight": _Payload()}, path)
     corrupt_and_expect(path, TINY, "corrupt, truncated")
+    assert not _UNPICKLED  # the payload's code never ran
 
 
 def test_folder_and_config_errors(tmp_path: Path, model: AutoencoderKLWan) -> None:
