@@ -74,32 +74,34 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def run_shapes(args: argparse.Namespace) -> int:
-    """Score the videos, print the table, errors and the final JSON line; optionally write the full report."""
-    report = shapesbench.score_videos(args.videos, args.manifest)
+def _print_report(report: dict, **extra: object) -> None:
+    """The table, the per-clip errors and, last, one JSON line with the headline numbers (+ ``extra``)."""
     print(format_table(report))
     for err in report["errors"]:
         print(f"error: {err['file']}: {err['error']}")
+    print(json.dumps({"judge": report["judge"], "world": report["world"], **extra,
+                      "in_distribution": report["in_distribution"], "held_out": report["held_out"],
+                      "n_errors": report["n_errors"]}))
+
+
+def run_shapes(args: argparse.Namespace) -> int:
+    """Score the videos, print the table, errors and the final JSON line; optionally write the full report."""
+    report = shapesbench.score_videos(args.videos, args.manifest)
     if report["unmatched_files"]:
         print(f"note: {len(report['unmatched_files'])} video file(s) not in the manifest were ignored")
     if args.json:
         with atomic_open(args.json, "w") as f:
             json.dump(report, f, indent=1)
-    summary = {"judge": report["judge"], "world": report["world"],
-               "in_distribution": report["in_distribution"], "held_out": report["held_out"],
-               "n_errors": report["n_errors"]}
-    print(json.dumps(summary))
+    _print_report(report)
     return 0
 
 
 def run_model(args: argparse.Namespace) -> int:
     """Generate and judge the manifest's prompts with one checkpoint; print the table and a final JSON line."""
-    from ..checkpoints import load_dit_weights, load_into
     from ..errors import InputError
-    from ..eval.models import EvalSettings, evaluate
+    from ..eval.models import EvalSettings, evaluate, load_model_folder
     from ..models.small_vae import load_vae
     from ..models.text import build_text_encoder
-    from ..models.wan import WanDiT
     from ..pipelines.loading import RELEASED_STEPS
 
     for name, value, low in (("--block-size", args.block_size, 1), ("--teacher-steps", args.teacher_steps, 1),
@@ -107,22 +109,13 @@ def run_model(args: argparse.Namespace) -> int:
                              ("--limit", 1 if args.limit is None else args.limit, 1)):
         if value < low:
             raise InputError(f"{name} must be >= {low}, got {value}")
-    state, config = load_dit_weights(args.weights)
-    if config is None:
-        raise InputError(f"{args.weights}: no config.json next to the weights (pass a model folder)")
-    model = WanDiT(config)
-    load_into(model, state)
+    model = load_model_folder(args.weights)
     vae = load_vae(args.vae)
-    text = build_text_encoder("minilm", text_len=config.text_len)
+    text = build_text_encoder("minilm", text_len=model.config.text_len)
     every, first = RELEASED_STEPS[args.steps]
     settings = EvalSettings(kind=args.kind, block_size=args.block_size, steps=every, first_block_steps=first,
                             teacher_steps=args.teacher_steps, guidance=args.guidance, seed=args.seed,
                             batch_size=args.batch_size, save_videos=args.save_videos)
     report = evaluate(model, vae, text, args.manifest, settings, out_dir=args.out, limit=args.limit, progress=True)
-    print(format_table(report))
-    for err in report["errors"]:
-        print(f"error: {err['file']}: {err['error']}")
-    print(json.dumps({"judge": report["judge"], "world": report["world"], "kind": args.kind,
-                      "in_distribution": report["in_distribution"], "held_out": report["held_out"],
-                      "n_errors": report["n_errors"], "seconds": round(report["seconds"], 1)}))
+    _print_report(report, kind=args.kind, seconds=round(report["seconds"], 1))
     return 0

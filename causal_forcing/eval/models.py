@@ -45,6 +45,17 @@ class EvalSettings:
     save_videos: int = 8                                     # first N clips also written as MP4
 
 
+def load_model_folder(path: str | Path) -> WanDiT:
+    """A DiT from a model folder (``config.json`` + weights, e.g. a run's ``final_ema/``), in eval mode."""
+    from ..checkpoints import load_dit_weights, load_into
+    state, config = load_dit_weights(path)
+    if config is None:
+        raise InputError(f"{path}: no config.json next to the weights (pass a model folder)")
+    model = WanDiT(config)
+    load_into(model, state)
+    return model.eval()
+
+
 def _pixels_to_uint8(pixels: torch.Tensor) -> np.ndarray:
     """[B, T, 3, H, W] in [-1, 1] → uint8 [B, T, H, W, 3]."""
     x = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

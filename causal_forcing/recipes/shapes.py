@@ -111,14 +111,10 @@ class ShapesRecipe:
         1/2/4-step lists when `steps` is given), the many-step teachers once."""
         def go() -> None:
             from ..pipelines.loading import RELEASED_STEPS
-            from ..checkpoints import load_dit_weights, load_into
-            from ..eval.models import EvalSettings, evaluate
+            from ..eval.models import EvalSettings, evaluate, load_model_folder
             from ..models.small_vae import SmallVAE
             from ..models.text import build_text_encoder
-            from ..models.wan import WanDiT
-            state, cfg = load_dit_weights(model_dir)
-            model = WanDiT(cfg)
-            load_into(model, state)
+            model = load_model_folder(model_dir)
             vae = SmallVAE.from_folder(self.p("vae"))
             text = build_text_encoder("minilm", text_len=TEXT_LEN)
             out = self.p("eval", name)
