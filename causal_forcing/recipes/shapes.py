@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from ..errors import InputError
 
@@ -110,10 +110,10 @@ class ShapesRecipe:
         """ShapesBench on the 200-prompt set: few-step models over `self.seeds` seeds (with one of the released
         1/2/4-step lists when `steps` is given), the many-step teachers once."""
         def go() -> None:
-            from ..pipelines.loading import RELEASED_STEPS
             from ..eval.models import EvalSettings, evaluate, load_model_folder
             from ..models.small_vae import SmallVAE
             from ..models.text import build_text_encoder
+            from ..pipelines.loading import RELEASED_STEPS
             model = load_model_folder(model_dir)
             vae = SmallVAE.from_folder(self.p("vae"))
             text = build_text_encoder("minilm", text_len=TEXT_LEN)
@@ -196,7 +196,12 @@ class ShapesRecipe:
         folders into ``causal_forcing/assets/`` to bundle them; ``shipped.json`` records what was chosen."""
         from ..checkpoints import load_dit_weights
         from ..models.small_vae import SmallVAE
-        from ..pipelines.loading import PipelineSpec, TextEncoderSpec, VAESpec, save_pipeline_folder
+        from ..pipelines.loading import (
+            PipelineSpec,
+            TextEncoderSpec,
+            VAESpec,
+            save_pipeline_folder,
+        )
         from .report import CAUSAL_INITS, collect
 
         scores = {m.name: m.stat("in_distribution", "total")[0] for m in collect(self.out)}
