@@ -337,6 +337,25 @@ def test_encode_records_and_latents(clip_folder: Path, shipped: SmallVAE, tmp_pa
         torch.testing.assert_close(item["latents"], expected, rtol=1e-2, atol=1e-2)  # stored as float16
 
 
+def test_max_frames_keeps_the_latents_of_the_first_pixel_frames(clip_folder: Path, shipped: SmallVAE,
+                                                                 tmp_path: Path) -> None:
+    """The VAE is causal, so the first 3 latent frames of a 17-frame clip are the latents of its first 9 frames:
+    a dataset read with max_frames=3 trains on exactly the 9-frame clips."""
+    assert run_cli("encode", "--clips", str(clip_folder), "--out", str(tmp_path / "ds")) == 0
+    cropped = LatentDataset(tmp_path / "ds", max_frames=3)
+    for i in range(len(cropped)):
+        item = cropped[i]
+        assert item["latents"].shape == (3, 16, 8, 8)
+        frames = shapes.render_seed(item["record"]["seed"], 64, 17)[1][:9]
+        with torch.inference_mode():
+            expected = shipped.encode(to_pixels(frames))[0]
+        torch.testing.assert_close(item["latents"], expected, rtol=1e-2, atol=1e-2)
+    with pytest.raises(InputError, match="fewer than max_frames=6"):
+        LatentDataset(tmp_path / "ds", max_frames=6)[0]
+    with pytest.raises(InputError, match="max_frames must be >= 0"):
+        LatentDataset(tmp_path / "ds", max_frames=-1)
+
+
 @needs_shipped
 def test_encode_resumes_after_interruption(clip_folder: Path, tmp_path: Path) -> None:
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"

@@ -50,6 +50,28 @@ def test_unknown_or_mistyped_key_is_a_one_line_error(dataset, tmp_path, capsys):
     assert not (tmp_path / "o").exists()  # no work before validation
 
 
+def test_max_frames_trains_on_the_first_frames(dataset, tmp_path):
+    """Truth: the same run on a dataset that stores only the first 2 latent frames of every sample."""
+    from causal_forcing.data.latents import LatentDataset
+    source = LatentDataset(dataset)
+    cropped = tmp_path / "cropped"
+    write_dataset(cropped, ((it["latents"][:2], it["record"], it["context"]) for it in
+                            (source[i] for i in range(len(source)))), shard_size=4)
+    run_stage("bidirectional", None, _args(dataset, tmp_path / "a", 3, **{"data.max_frames": 2}))
+    run_stage("bidirectional", None, _args(cropped, tmp_path / "b", 3))
+    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    untouched = _weights_after(dataset, tmp_path / "c")
+    assert any(not torch.equal(a[k], untouched[k]) for k in a)   # the crop changed what was learned
+    with pytest.raises(ConfigError, match="data.max_frames must be >= 0"):
+        load_stage_config("bidirectional", None, ["data.max_frames=-1"])
+
+
+def _weights_after(data, out):
+    run_stage("bidirectional", None, _args(data, out, 3))
+    return _weights(out)
+
+
 @pytest.mark.parametrize("stage", ["ar-diffusion", "bidirectional"])
 def test_resume_is_exact(dataset, tmp_path, stage):
     """Truth: an uninterrupted run. Stopping after 2 steps and resuming gives bitwise-identical weights."""

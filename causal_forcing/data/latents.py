@@ -120,9 +120,17 @@ def _read_records(path: Path) -> list[dict]:
 
 class LatentDataset:
     """Random access to a dataset folder written by ``LatentWriter``. Items are dicts with ``latents``
-    (float32), ``context`` (float32 or absent) and ``record``."""
+    (float32), ``context`` (float32 or absent) and ``record``.
 
-    def __init__(self, folder: str | Path):
+    ``max_frames`` > 0 keeps only the first ``max_frames`` latent frames of every sample (the frame axis is the
+    fourth from the end for clean videos [F, C, H, W] and ODE trajectories [K, F, C, H, W] alike): with a
+    causal VAE these are exactly the latents of the clip's first 1 + 4·(max_frames − 1) pixel frames.
+    """
+
+    def __init__(self, folder: str | Path, *, max_frames: int = 0):
+        if max_frames < 0:
+            raise InputError(f"max_frames must be >= 0, got {max_frames}")
+        self.max_frames = max_frames
         self.folder = Path(folder)
         meta_path = self.folder / "meta.json"
         if not meta_path.exists():
@@ -153,7 +161,13 @@ class LatentDataset:
     def __getitem__(self, i: int) -> dict[str, Any]:
         path, row = self._index[i]
         h = self._handle(path)
-        item: dict[str, Any] = {"latents": h.get_slice("latents")[row].float(), "record": self.records[i]}
+        lat = h.get_slice("latents")[row]
+        if self.max_frames:
+            if lat.dim() < 4 or lat.shape[-4] < self.max_frames:
+                raise InputError(f"dataset {self.folder}: sample {i} has {lat.shape[-4] if lat.dim() >= 4 else 0} "
+                                 f"latent frames, fewer than max_frames={self.max_frames}")
+            lat = lat[..., :self.max_frames, :, :, :]
+        item: dict[str, Any] = {"latents": lat.float(), "record": self.records[i]}
         if "context" in h.keys():
             item["context"] = h.get_slice("context")[row].float()
         return item

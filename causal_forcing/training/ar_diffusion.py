@@ -50,7 +50,7 @@ class DiffusionStage:
     def setup(self, tr: Any) -> None:
         cfg = tr.cfg
         self.model = tr.add_trainable("generator", build_dit(tr))
-        self.data = data_stream(tr, "data", LatentDataset(cfg.data.path))
+        self.data = data_stream(tr, "data", LatentDataset(cfg.data.path, max_frames=cfg.data.max_frames))
         self.cond = Conditioner(cfg.data, tr.device)
 
     def step(self, tr: Any) -> dict[str, float]:

@@ -52,7 +52,7 @@ class Stage:
         teacher = build_dit(tr, init=s.teacher or cfg.train.init)
         self.teacher = tr.add_frozen("teacher", teacher)
         self.model = tr.add_trainable("generator", student, ema_decay=s.target_decay, ema_start=0)
-        self.data = data_stream(tr, "data", LatentDataset(cfg.data.path))
+        self.data = data_stream(tr, "data", LatentDataset(cfg.data.path, max_frames=cfg.data.max_frames))
         self.cond = Conditioner(cfg.data, tr.device)
         t, sig = flow_grid(s.grid_steps, s.shift)
         self.grid_t, self.grid_s = t.to(tr.device), sig.to(tr.device)

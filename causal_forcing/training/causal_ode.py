@@ -39,7 +39,7 @@ class Stage:
 
     def setup(self, tr: Any) -> None:
         cfg = tr.cfg
-        ds = LatentDataset(cfg.data.path)
+        ds = LatentDataset(cfg.data.path, max_frames=cfg.data.max_frames)
         if ds.kind != "ode":
             raise ConfigError(f"data.path {cfg.data.path} is a {ds.kind!r} dataset; causal-ode needs ODE data")
         self.timesteps = [float(t) for t in ds.meta["timesteps"]][:cfg.stage.num_points]

@@ -47,6 +47,7 @@ class DataSection:
     text_encoder_path: str = ""    # umt5: the Wan2.1 base folder (models_t5_*.pth + google/umt5-xxl/)
     text_len: int = 0              # 0 = the model's text_len
     negative_prompt: str = ""      # for CFG stages; "" = empty prompt
+    max_frames: int = 0            # > 0: train on the first max_frames latent frames of every sample
 
 
 @dataclass
@@ -277,6 +278,7 @@ def _deep_merge(a: dict, b: Mapping) -> dict:
 def _validate_common(cfg: Any) -> None:
     checks = [
         (cfg.data.batch_size >= 1, "data.batch_size must be >= 1"),
+        (cfg.data.max_frames >= 0, "data.max_frames must be >= 0 (0 = all frames)"),
         (cfg.optim.lr > 0, "optim.lr must be > 0"),
         (cfg.optim.grad_clip >= 0, "optim.grad_clip must be >= 0"),
         (cfg.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0"),

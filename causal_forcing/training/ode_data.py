@@ -85,7 +85,7 @@ def run(cfg: Any, resume: bool = False) -> Path:
     model = WanDiT(teacher_cfg or cfg.model.build_config())
     load_into(model, state)
     model = model.to(device).eval().requires_grad_(False)
-    source = LatentDataset(cfg.data.path)
+    source = LatentDataset(cfg.data.path, max_frames=cfg.data.max_frames)
 
     cond = Conditioner(cfg.data, device)
     meta = {"source": str(cfg.data.path), "teacher": s.teacher, "teacher_kind": s.kind, "block_size": s.block_size,

@@ -96,6 +96,8 @@ def sample_and_score(trainer: Any, kind: Kind) -> dict | None:
     device = trainer.device
     entries = read_manifest(t.sample_manifest)
     frames = int(entries[0].get("frames", DEFAULT_FRAMES))
+    if trainer.cfg.data.max_frames:  # sample clips as long as the ones the run trains on
+        frames = min(frames, 1 + 4 * (trainer.cfg.data.max_frames - 1))
     out = trainer.out / SAMPLES_DIR / f"step-{trainer.step:08d}"
     cuda = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
