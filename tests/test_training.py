@@ -171,7 +171,7 @@ STAGE_OF = {"ar_diffusion": "ar-diffusion", "ode_data": "ode-data", "causal_ode"
 
 @pytest.mark.parametrize("path", sorted(p for p in Path(__file__).parents[1].glob("configs/*/*.yaml")
                                         if not p.name.startswith("_") and p.parent.name != "shapes"
-                                        or p.name in ("bidirectional.yaml",)), ids=lambda p: p.name)
+                                        or p.name in ("bidirectional.yaml", "bidirectional_short.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_validate(path):
     stage = next(v for k, v in STAGE_OF.items() if path.stem.startswith(k))
     cfg = load_stage_config(stage, path)

@@ -152,8 +152,12 @@ class ShapesRecipe:
             Step("eval-data", self.p("data", "eval", "manifest.jsonl"), self._eval_data),
             Step("vae", self.p("vae", "config.json"), self._vae),
             Step("encode", self.p("latents", ".complete"), self._encode_complete, ["data", "vae"]),
+            # The teacher from scratch on the first 9 latent frames (cheap), then continued on whole clips.
+            Step("bidirectional-short", self.final("bidirectional_short"),
+                 self._train("bidirectional", "bidirectional_short.yaml", "bidirectional_short", [lat])),
             Step("bidirectional", self.final("bidirectional"),
-                 self._train("bidirectional", "bidirectional.yaml", "bidirectional", [lat])),
+                 self._train("bidirectional", "bidirectional.yaml", "bidirectional",
+                             [lat, f"train.init={self.final('bidirectional_short')}"])),
         ]
         bidir = self.final("bidirectional")
         for mode, block in (("framewise", 1), ("chunkwise", 3)):
