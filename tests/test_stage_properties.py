@@ -522,14 +522,14 @@ def sampling_setup(root) -> dict[str, Path]:
 
 
 def _sampling_run(out: Path, setup: dict[str, Path], stage: str, kind: str | None, steps: int,
-                  resume: bool = False) -> Trainer:
+                  resume: bool = False, extra: tuple[str, ...] = ()) -> Trainer:
     """A short run of the tiny model with MiniLM-sized text, sampling every step when ``kind`` is given."""
     from causal_forcing.training.sampling import sample_and_score
     cfg = load_stage_config(stage, None, [f"train.out_dir={out}", "train.progress=false", "train.save_every=1",
                                           f"data.path={setup['latents']}", "data.batch_size=2", "optim.lr=1e-2",
                                           "model.overrides={text_dim: 384}", f"train.max_steps={steps}",
                                           "ema.decay=0.5", "stage.block_size=1",
-                                          f"train.sample_every={1 if kind else 0}"])
+                                          f"train.sample_every={1 if kind else 0}", *extra])
     cfg.train.sample_manifest, cfg.train.sample_vae, cfg.train.sample_count = (
         str(setup["manifest"]), str(setup["vae"]), 2)
     st = stage_module(stage).Stage()
@@ -568,6 +568,15 @@ def test_periodic_samples_write_videos_scores_and_a_log(root, sampling_setup, st
                                                                                       "model.safetensors"))
     last = seen[-1].state_dict()
     assert all(torch.equal(last[k], ema[k]) for k in ema) and not all(torch.equal(last[k], raw[k]) for k in raw)
+
+
+def test_periodic_samples_are_as_long_as_the_training_clips(root, sampling_setup):
+    """With data.max_frames=2 the run trains on 2 latent frames, so its samples have 1 + 4 = 5 pixel frames."""
+    from causal_forcing.data.shapes_io import load_clip
+    out = root / "samples_short"
+    _sampling_run(out, sampling_setup, "bidirectional", "bidirectional", steps=1, extra=("data.max_frames=2",))
+    videos = sorted((out / "samples" / "step-00000001").glob("*.mp4"))
+    assert videos and all(load_clip(v).shape == (5, 32, 32, 3) for v in videos)
 
 
 def test_sampling_leaves_training_unchanged_and_resume_keeps_one_line_per_step(root, sampling_setup):

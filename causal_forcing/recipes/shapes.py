@@ -25,15 +25,6 @@ TEXT_LEN = 32
 FEW_STEP = [1000.0, 750.0, 500.0, 250.0]
 
 
-def pixel_frames() -> int:
-    """Pixel frames of the clips the recipe's models are trained on, evaluated at and shipped with: the first
-    ``data.max_frames`` latent frames of ``configs/shapes/_base.yaml`` (1 + 4·(n − 1) pixel frames)."""
-    from ..data.shapes import DEFAULT_FRAMES
-    from ..training.config import read_yaml
-    n = int(read_yaml(CONFIGS / "_base.yaml").get("data", {}).get("max_frames", 0) or 0)
-    return 1 + 4 * (n - 1) if n else DEFAULT_FRAMES
-
-
 @dataclass
 class Step:
     name: str
@@ -131,7 +122,6 @@ class ShapesRecipe:
             for seed in range(self.seeds if kind == "causal" else 1):
                 every, first = RELEASED_STEPS[steps or 4]
                 settings = EvalSettings(kind=kind, block_size=block, seed=1000 * seed,  # type: ignore[arg-type]
-                                        frames=pixel_frames(),
                                         steps=every, first_block_steps=first, teacher_steps=4 if self.quick else 20)
                 rep = evaluate(model, vae, text, self.p("data", "eval", "manifest.jsonl"), settings,
                                out_dir=out / f"seed{seed}", limit=4 if self.quick else None, progress=True)
@@ -230,7 +220,7 @@ class ShapesRecipe:
         SmallVAE.from_folder(self.p("vae")).save_folder(pipes / "shapes_vae")
         for folder, (model, block) in chosen.items():
             state, config = load_dit_weights(self.final(model))
-            spec = PipelineSpec(block_size=block, steps=tuple(FEW_STEP), latent_hw=(8, 8), num_frames=pixel_frames(),
+            spec = PipelineSpec(block_size=block, steps=tuple(FEW_STEP), latent_hw=(8, 8),
                                 text_encoder=TextEncoderSpec(kind="minilm", text_len=TEXT_LEN),
                                 vae=VAESpec(kind="small", path="../shapes_vae"))
             save_pipeline_folder(pipes / folder, spec, state, config=config)

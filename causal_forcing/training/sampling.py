@@ -27,6 +27,7 @@ from ..data.shapes import DEFAULT_FRAMES
 from ..data.shapes_io import read_manifest
 from ..errors import ConfigError
 from ..eval.models import EvalSettings, Kind, evaluate
+from ..models.frames import pixel_frames_for
 from ..models.wan import WanDiT
 
 SAMPLES_DIR = "samples"
@@ -97,7 +98,7 @@ def sample_and_score(trainer: Any, kind: Kind) -> dict | None:
     entries = read_manifest(t.sample_manifest)
     frames = int(entries[0].get("frames", DEFAULT_FRAMES))
     if trainer.cfg.data.max_frames:  # sample clips as long as the ones the run trains on
-        frames = min(frames, 1 + 4 * (trainer.cfg.data.max_frames - 1))
+        frames = min(frames, pixel_frames_for(trainer.cfg.data.max_frames))
     out = trainer.out / SAMPLES_DIR / f"step-{trainer.step:08d}"
     cuda = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
