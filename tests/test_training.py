@@ -219,3 +219,45 @@ def test_ema_follows_the_reference_schedule(dataset, tmp_path):
         for later in raw[1:]:
             expected = 0.5 * expected + 0.5 * later[key]
         torch.testing.assert_close(value, expected, rtol=0, atol=1e-6)
+
+
+def test_lr_schedule_closed_forms():
+    """Warm-up then cosine / linear decay to min_lr_ratio, against the closed forms at known points."""
+    from causal_forcing.training.config import OptimSection
+    from causal_forcing.training.trainer import lr_factor
+    cos = OptimSection(warmup_steps=10, schedule="cosine", decay_start=20, min_lr_ratio=0.1)
+    assert lr_factor(cos, 120, 0) == pytest.approx(0.1) and lr_factor(cos, 120, 9) == pytest.approx(1.0)
+    assert lr_factor(cos, 120, 15) == 1.0 and lr_factor(cos, 120, 20) == pytest.approx(1.0)
+    assert lr_factor(cos, 120, 70) == pytest.approx(0.1 + 0.9 * 0.5)          # halfway: cos(pi/2) = 0
+    assert lr_factor(cos, 120, 45) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + 2 ** -0.5))  # a quarter: cos(pi/4)
+    assert lr_factor(cos, 120, 120) == pytest.approx(0.1) and lr_factor(cos, 120, 500) == pytest.approx(0.1)
+    lin = OptimSection(warmup_steps=0, schedule="linear")                   # decay_start 0: from step 0
+    assert [lr_factor(lin, 4, n) for n in range(5)] == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
+    const = OptimSection(warmup_steps=4)
+    assert [lr_factor(const, 100, n) for n in (0, 3, 50, 99)] == pytest.approx([0.25, 1.0, 1.0, 1.0])
+    with pytest.raises(ConfigError, match="optim.schedule"):
+        load_stage_config("bidirectional", None, ["optim.schedule=step"])
+    with pytest.raises(ConfigError, match="min_lr_ratio"):
+        load_stage_config("bidirectional", None, ["optim.min_lr_ratio=2"])
+
+
+def test_lr_schedule_drives_the_optimizer_and_resumes(dataset, tmp_path):
+    """The optimizer's learning rate after every step is base * lr_factor(step); a run with a decaying rate
+    stopped at step 2 and resumed ends with the same weights as an uninterrupted one (the schedule is not reset).
+    (The decay is defined against train.max_steps, so the stopped run decays from step 2 onwards only.)"""
+    def lrs(out, steps):
+        return [torch.load(out / "checkpoints" / f"step-{n:08d}" / "rank-0.pt", weights_only=True)["nets"]
+                ["generator"]["optimizer"]["param_groups"][0]["lr"] for n in steps]
+
+    linear = {"optim.schedule": "linear", "train.keep_checkpoints": 10}
+    run_stage("bidirectional", None, _args(dataset, tmp_path / "lin", 4, **linear))
+    assert lrs(tmp_path / "lin", (1, 2, 3)) == pytest.approx([1e-3 * 0.75, 1e-3 * 0.5, 1e-3 * 0.25])
+    cosine = {"optim.schedule": "cosine", "optim.decay_start": 2, "optim.min_lr_ratio": 0.2,
+              "train.keep_checkpoints": 10}
+    full, part = tmp_path / "full", tmp_path / "part"
+    run_stage("bidirectional", None, _args(dataset, full, 5, **cosine))
+    run_stage("bidirectional", None, _args(dataset, part, 2, **cosine))
+    run_stage("bidirectional", None, _args(dataset, part, 5, **cosine), resume=True)
+    assert lrs(part, (3, 4)) == pytest.approx([1e-3 * (0.2 + 0.8 * 0.75), 1e-3 * (0.2 + 0.8 * 0.25)])
+    a, b = _weights(full), _weights(part)
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -58,6 +58,11 @@ class OptimSection:
     eps: float = 1e-8
     grad_clip: float = 10.0
     warmup_steps: int = 0
+    # After warm-up the rate is constant, or decays from decay_start (0 = the end of warm-up) to
+    # lr * min_lr_ratio at train.max_steps, along a cosine or a straight line.
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    decay_start: int = 0
+    min_lr_ratio: float = 0.0
 
 
 @dataclass
@@ -282,6 +287,10 @@ def _validate_common(cfg: Any) -> None:
         (cfg.optim.lr > 0, "optim.lr must be > 0"),
         (cfg.optim.grad_clip >= 0, "optim.grad_clip must be >= 0"),
         (cfg.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0"),
+        (cfg.optim.schedule in ("constant", "cosine", "linear"),
+         f"optim.schedule must be constant, cosine or linear, got {cfg.optim.schedule!r}"),
+        (cfg.optim.decay_start >= 0, "optim.decay_start must be >= 0"),
+        (0.0 <= cfg.optim.min_lr_ratio <= 1.0, "optim.min_lr_ratio must be in [0, 1]"),
         (cfg.train.max_steps >= 1, "train.max_steps must be >= 1"),
         (cfg.train.save_every >= 1, "train.save_every must be >= 1"),
         (cfg.train.log_every >= 1, "train.log_every must be >= 1"),

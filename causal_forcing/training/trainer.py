@@ -111,6 +111,24 @@ def _atomic_text(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
+def lr_factor(optim: Any, max_steps: int, step: int) -> float:
+    """Multiplier of the base learning rate at optimizer step ``step`` (0-based): linear warm-up over
+    ``optim.warmup_steps``, then constant (``schedule: constant``) or, from ``decay_start`` (at least the end of
+    warm-up) to ``max_steps``, a cosine or linear decay to ``min_lr_ratio``. The curve depends only on the config,
+    so a resumed run follows it exactly; resuming with a larger ``train.max_steps`` stretches the decay."""
+    warm = optim.warmup_steps
+    if warm and step < warm:
+        return (step + 1) / warm
+    if optim.schedule == "constant":
+        return 1.0
+    start = max(warm, optim.decay_start)
+    if step < start:
+        return 1.0
+    progress = min(1.0, (step - start) / max(1, max_steps - start))
+    shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if optim.schedule == "cosine" else 1.0 - progress
+    return optim.min_lr_ratio + (1.0 - optim.min_lr_ratio) * shape
+
+
 @dataclass
 class Trainable:
     """A network being trained, with its optimizer, LR schedule and optional EMA."""
@@ -176,8 +194,8 @@ class Trainer:
         call = self._wrap(module)
         opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr or o.lr,
                                 betas=tuple(betas or o.betas), weight_decay=o.weight_decay, eps=o.eps)
-        warm = o.warmup_steps
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda n: min(1.0, (n + 1) / warm) if warm else 1.0)
+        total = self.cfg.train.max_steps
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda n: lr_factor(o, total, n))
         decay = self.cfg.ema.decay if ema_decay is None else ema_decay
         start = self.cfg.ema.start_step if ema_start is None else ema_start
         self.trainables[name] = Trainable(call, module, opt, sched, None, decay, start, o.grad_clip, export)
