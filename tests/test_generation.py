@@ -186,6 +186,7 @@ def test_checkpoint_replaces_weights_and_picks_ema_by_convention(folder, tiny_pa
 
 
 def test_bundled_names(monkeypatch, tmp_path, folder):
+    monkeypatch.setattr(loading, "BUNDLED", {})   # a build without bundled models
     for name in ("shapes-framewise", None):
         with pytest.raises(InputError, match="none in this build"):
             load_pipeline(name)
@@ -409,7 +410,7 @@ def test_cli_generate_from_a_shapesbench_manifest(run_cli, folder, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing-checkpoint", "corrupt-checkpoint", "wrong-checkpoint", "unknown-preset",
-                                  "default-preset", "frames", "image", "empty-prompts", "out-not-writable",
+                                  "frames", "image", "empty-prompts", "out-not-writable",
                                   "many-prompts-one-file", "mode", "device"])
 def test_cli_generate_bad_input(run_cli, folder, tmp_path, case):
     out = tmp_path / "out"
@@ -424,7 +425,6 @@ def test_cli_generate_bad_input(run_cli, folder, tmp_path, case):
         "corrupt-checkpoint": [*model, "--checkpoint", tmp_path / "corrupt.pt"],
         "wrong-checkpoint": [*model, "--checkpoint", PARITY_DIR / "checkpoint_like.pt"],
         "unknown-preset": ["--model", "no-such-model"],
-        "default-preset": [],
         "frames": [*model, "--frames", "10"],
         "image": [*model, "--image", tmp_path / "broken.png"],
         "empty-prompts": [*model, "--prompts-file", tmp_path / "empty.txt"],

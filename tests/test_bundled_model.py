@@ -1,0 +1,89 @@
+"""The bundled ShapesWorld model: what `generate` uses with no model flag, offline, on a CPU.
+
+The truth the shipped weights are held to is the ShapesBench judge (an independent, rule-based scorer of the
+rendered world) on canonical captions the judge parses, compared with the same network untrained.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from causal_forcing.data import shapes
+from causal_forcing.eval import shapesbench
+from causal_forcing.pipelines.loading import BUNDLED, DEFAULT_MODEL, bundled_folder, load_pipeline
+
+ASSETS = Path(__file__).resolve().parents[1] / "causal_forcing" / "assets"
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def test_default_model_is_bundled_and_small():
+    assert DEFAULT_MODEL == "shapes-framewise" and DEFAULT_MODEL in BUNDLED
+    folders = {bundled_folder(name) for name in BUNDLED} | {ASSETS / "shapes_vae"}
+    assert sum(_folder_bytes(f) for f in folders) <= 40 * 2**20
+
+
+@pytest.fixture(scope="module")
+def default_pipe():
+    return load_pipeline()  # no model given: the bundled frame-wise model
+
+
+def test_default_pipeline_shape(default_pipe):
+    assert default_pipe.block_size == 1 and default_pipe.frame_size == (64, 64)
+    assert len(default_pipe.stream_config.schedule.steps) == 4
+    assert default_pipe.default_frames == 81
+
+
+def _semantic(pipe, captions):
+    return float(np.mean([shapesbench.score_clip(pipe.generate(c, seed=s), c)["semantic"]
+                          for s, c in enumerate(captions)]))
+
+
+def test_default_model_follows_captions(default_pipe):
+    """On canonical captions of training-distribution clips the judge's semantic score of the bundled model
+    (0.52 measured on these 12 at shipping, 0.20 untrained; 0.38 on the 180 in-distribution prompts of the
+    standard set) is well
+    above the same network with its weights re-initialised."""
+    captions = [shapes.sample_clip(10_000 + i).caption for i in range(12)]
+    trained = _semantic(default_pipe, captions)
+    untrained = load_pipeline()
+    torch.manual_seed(0)
+    untrained.model.init_weights()
+    for p in untrained.model.parameters():      # init_weights zeroes the head; give it an output
+        if p.abs().sum() == 0:
+            torch.nn.init.normal_(p, std=0.02)
+    baseline = _semantic(untrained, captions)
+    assert trained >= 0.35 and trained >= baseline + 0.15, (trained, baseline)
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_default_model_at_fewer_steps(steps):
+    pipe = load_pipeline(steps=steps)
+    assert len(pipe.stream_config.schedule.steps) == steps
+    clip = pipe.generate("a large blue square moving left", seed=0, num_frames=17)
+    assert clip.shape == (17, 64, 64, 3) and clip.dtype == np.uint8 and clip.std() > 5
+
+
+def test_generate_with_no_model_flag_offline(tmp_path):
+    """A fresh process with the hub switched off: `generate` with nothing but a prompt writes an 81-frame MP4
+    that the judge can score."""
+    out = tmp_path / "clip.mp4"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    caption = "a small red circle moving right"
+    run = subprocess.run([sys.executable, "-m", "causal_forcing", "generate", "--prompt", caption, "--out", str(out)],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    with av.open(str(out)) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(frames) == 81 and frames[0].shape == (64, 64, 3)
+    report = shapesbench.score_file(out, caption)
+    assert report["frames"] == 81 and 0.0 <= report["total"] <= 1.0
