@@ -58,7 +58,7 @@ from ..data.shapes_io import (
 from ..errors import CheckpointError, ConfigError, InputError
 from ..models.small_vae import SmallVAE, SmallVAEConfig, latent_frames_for
 from .config import to_dict
-from .trainer import EMA, MetricsLog
+from .trainer import EMA, MetricsLog, lr_factor
 
 CKPT_DIR = "checkpoints"
 EVAL_SEED_BASE = 7_777_777
@@ -89,7 +89,6 @@ class Config:
     palette_temperature: float = 0.1
     latent_l2_weight: float = 1e-4
     latent_noise: float = 0.1            # relative to the batch's latent RMS; 0 = none
-    lr_min_ratio: float = 0.05           # cosine decay from optim.lr to this fraction of it
     threads: int = 2                     # torch intra-op threads (CPU)
     max_minutes: float = 0.0             # stop with a checkpoint after this much wall time; 0 = no limit
     stats_clips: int = 64
@@ -111,7 +110,6 @@ class Config:
             (self.palette_weight >= 0 and self.palette_temperature > 0,
              "stage.palette_weight must be >= 0 and stage.palette_temperature > 0"),
             (self.latent_noise >= 0, "stage.latent_noise must be >= 0"),
-            (0 <= self.lr_min_ratio <= 1, "stage.lr_min_ratio must be in [0, 1]"),
             (self.threads >= 1, "stage.threads must be >= 1"),
             (self.max_minutes >= 0, "stage.max_minutes must be >= 0"),
             (self.stats_clips >= 1 and self.eval_clips >= 1, "stage.stats_clips and stage.eval_clips must be >= 1"),
@@ -252,13 +250,8 @@ def palette_loss(out: Tensor, target: Tensor, temperature: float) -> Tensor:
 
 
 def learning_rate(cfg: Any, step: int) -> float:
-    """Linear warm-up over optim.warmup_steps, then cosine decay to lr * stage.lr_min_ratio at train.max_steps."""
-    base, warmup, total = cfg.optim.lr, cfg.optim.warmup_steps, cfg.train.max_steps
-    if step < warmup:
-        return base * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    floor = base * cfg.stage.lr_min_ratio
-    return floor + (base - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    """The rate at optimizer step `step`: the shared trainer's curve (warm-up, then optim.schedule)."""
+    return cfg.optim.lr * lr_factor(cfg.optim, cfg.train.max_steps, step)
 
 
 @torch.no_grad()
