@@ -10,12 +10,14 @@ from causal_forcing.recipes.shapes import ShapesRecipe
 def test_recipe_runs_every_step_and_skips_finished_ones(tmp_path):
     from causal_forcing.models.small_vae import SmallVAE
     SmallVAE().save_folder(tmp_path / "vae")          # a random VAE stands in for the shipped one
-    recipe = ShapesRecipe(tmp_path, num_clips=24, workers=1, seeds=1, quick=True)
+    recipe = ShapesRecipe(tmp_path, num_clips=24, workers=1, seeds=2, quick=True)
     logs = []
     recipe.run(log=logs.append)
     assert all(step.output.exists() for step in recipe.steps)
     summary = json.loads((tmp_path / "eval" / "dmd_causal_ode_framewise" / "summary.json").read_text())
-    assert summary["seeds"][0]["all"]["n"] == 4
+    assert len(summary["seeds"]) == 2 and summary["seeds"][0]["all"]["n"] == 4   # the key comparison: --seeds
+    for once in ("causal_ode_framewise", "dmd_causal_ode_framewise_2step", "bidirectional"):
+        assert len(json.loads((tmp_path / "eval" / once / "summary.json").read_text())["seeds"]) == 1
     from causal_forcing.pipelines.loading import load_pipeline
     shipped = json.loads((tmp_path / "pipelines" / "shipped.json").read_text())
     assert shipped["shapes_chunkwise"]["model"] == "dmd_causal_ode_chunkwise"

@@ -14,7 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--until", default=None, metavar="STEP", help="stop after this step")
     s.add_argument("--num-clips", type=int, default=6000)
     s.add_argument("--workers", type=int, default=2)
-    s.add_argument("--seeds", type=int, default=3, help="evaluation seeds of the few-step models")
+    s.add_argument("--seeds", type=int, default=3, help="evaluation seeds of the 4-step DMD students (the key comparison); other models are evaluated once")
     s.add_argument("--list", action="store_true", help="list the steps and whether they are done")
     s.set_defaults(func=run)
 
