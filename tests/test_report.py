@@ -16,10 +16,12 @@ def seed_report(total: float, all_correct: float = 0.5) -> dict:
     return {"in_distribution": split, "held_out": {key: total / 2 for key in report.COLUMNS}, "all": split}
 
 
-def write_summary(out: Path, name: str, totals: list[float], *, kind: str = "causal", steps: int | None = 4) -> None:
+def write_summary(out: Path, name: str, totals: list[float], *, kind: str = "causal", steps: int | None = 4,
+                  replica_of: str | None = None, train_seed: int = 0) -> None:
     folder = out / "eval" / name
     folder.mkdir(parents=True)
     (folder / "summary.json").write_text(json.dumps({"model": name, "kind": kind, "block_size": 1, "steps": steps,
+                                                     "replica_of": replica_of, "train_seed": train_seed,
                                                      "seeds": [seed_report(t) for t in totals]}))
 
 
@@ -37,6 +39,27 @@ def test_key_comparison_verdict(tmp_path: Path, causal: list[float], baseline: l
     assert result["verdict"] == verdict and result["causal_model"] == "dmd_causal_ode_framewise"
     assert result["causal_total"] == pytest.approx([np.mean(causal), np.std(causal, ddof=1)])
     assert result["self_forcing_total"] == pytest.approx([np.mean(baseline), np.std(baseline, ddof=1)])
+
+
+def test_key_comparison_over_training_seeds(tmp_path: Path) -> None:
+    """With DMD replicas on both sides, the statistics are over training runs (each: mean over its sampling
+    seeds), which can overturn a verdict drawn from one run's sampling seeds alone."""
+    write_summary(tmp_path, "dmd_causal_ode_framewise", [0.80, 0.81, 0.82])
+    write_summary(tmp_path, report.SELF_FORCING_INIT, [0.60, 0.61, 0.62])
+    assert report.key_comparison(report.collect(tmp_path))["verdict"] == "reproduced"   # sampling seeds only
+    for seed, (c, b) in enumerate([(0.55, 0.75), (0.60, 0.70)], start=1):
+        write_summary(tmp_path, f"dmd_causal_ode_framewise_train{seed}", [c], replica_of="dmd_causal_ode_framewise",
+                      train_seed=seed)
+        write_summary(tmp_path, f"dmd_self_forcing_ode_framewise_train{seed}", [b],
+                      replica_of=report.SELF_FORCING_INIT, train_seed=seed)
+    result = report.key_comparison(report.collect(tmp_path))
+    assert result["over"] == "training seeds" and result["seeds"] == 3
+    assert result["causal_runs"] == pytest.approx([0.81, 0.55, 0.60])
+    assert result["self_forcing_runs"] == pytest.approx([0.61, 0.75, 0.70])
+    assert result["causal_total"] == pytest.approx([np.mean([0.81, 0.55, 0.60]), np.std([0.81, 0.55, 0.60], ddof=1)])
+    assert result["verdict"] == "inconclusive"
+    text = (report.write_report(tmp_path) / "scores.md").read_text()
+    assert "over 3 training seeds" in text and "Per training seed: causal 0.810, 0.550, 0.600" in text
 
 
 def test_key_comparison_needs_both_sides(tmp_path: Path) -> None:

@@ -14,7 +14,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--until", default=None, metavar="STEP", help="stop after this step")
     s.add_argument("--num-clips", type=int, default=6000)
     s.add_argument("--workers", type=int, default=2)
-    s.add_argument("--seeds", type=int, default=3, help="evaluation seeds of the 4-step DMD students (the key comparison); other models are evaluated once")
+    s.add_argument("--seeds", type=int, default=3,
+                   help="sampling seeds of the 4-step DMD students; other models are evaluated once")
+    s.add_argument("--train-seeds", type=int, default=3,
+                   help="DMD runs (training seeds) of the two key-comparison students, causal vs Self Forcing init")
     s.add_argument("--list", action="store_true", help="list the steps and whether they are done")
     s.set_defaults(func=run)
 
@@ -22,9 +25,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..errors import InputError
     from ..recipes.shapes import ShapesRecipe
-    if args.num_clips < 1 or args.workers < 1 or args.seeds < 1:
-        raise InputError("--num-clips, --workers and --seeds must be >= 1")
-    recipe = ShapesRecipe(args.out, num_clips=args.num_clips, workers=args.workers, seeds=args.seeds)
+    if min(args.num_clips, args.workers, args.seeds, args.train_seeds) < 1:
+        raise InputError("--num-clips, --workers, --seeds and --train-seeds must be >= 1")
+    recipe = ShapesRecipe(args.out, num_clips=args.num_clips, workers=args.workers, seeds=args.seeds,
+                          train_seeds=args.train_seeds)
     if args.list:
         for step in recipe.steps:
             print(f"{'done' if step.output.exists() else '    '}  {step.name:<34} {step.output}")

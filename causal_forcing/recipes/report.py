@@ -40,6 +40,8 @@ class ModelScores:
     block_size: int
     steps: int | None
     values: dict[str, dict[str, list[float]]]   # split -> metric -> one value per seed
+    replica_of: str | None = None               # another training seed of this model (DMD run)
+    train_seed: int = 0
 
     def stat(self, split: str, metric: str) -> tuple[float, float]:
         return mean_std(self.values[split][metric])
@@ -57,7 +59,8 @@ def collect(out: str | Path) -> list[ModelScores]:
         values = {split: {metric: [float(seed[split][metric]) for seed in data["seeds"]] for metric in COLUMNS}
                   for split in SPLITS}
         models.append(ModelScores(name=data["model"], kind=data["kind"], block_size=int(data["block_size"]),
-                                  steps=data.get("steps"), values=values))
+                                  steps=data.get("steps"), values=values, replica_of=data.get("replica_of"),
+                                  train_seed=int(data.get("train_seed") or 0)))
     return models
 
 
@@ -86,12 +89,22 @@ def score_tables(models: Sequence[ModelScores]) -> str:
     return "\n".join(lines)
 
 
+def _run_totals(models: Sequence[ModelScores], name: str) -> list[float]:
+    """In-distribution Total of each training run of `name` (itself, then its replicas by training seed), each
+    the mean over that run's sampling seeds."""
+    runs = [m for m in models if m.name == name] + sorted((m for m in models if m.replica_of == name),
+                                                          key=lambda m: m.train_seed)
+    return [float(np.mean(m.values["in_distribution"]["total"])) for m in runs]
+
+
 def key_comparison(models: Sequence[ModelScores]) -> dict[str, Any] | None:
     """Causal init vs Self Forcing init (frame-wise, after DMD, 4 steps), in-distribution: means, stds, verdict.
 
+    When both sides have more than one training run (the recipe's ``--train-seeds``), the statistics are over
+    training runs (each run: the mean over its sampling seeds); otherwise over the sampling seeds of the one run.
     The verdict says the paper's ordering is reproduced when the best causal init's mean Total exceeds the Self
-    Forcing init's by more than both seed stds combined, not reproduced when it is below by as much, and
-    inconclusive otherwise. None when the Self Forcing model or every causal one is missing.
+    Forcing init's by more than both stds combined, not reproduced ("reversed") when it is below by as much,
+    and inconclusive otherwise. None when the Self Forcing model or every causal one is missing.
     """
     by_name = {m.name: m for m in models}
     if SELF_FORCING_INIT not in by_name:
@@ -99,10 +112,15 @@ def key_comparison(models: Sequence[ModelScores]) -> dict[str, Any] | None:
     causal = [by_name[n] for n in CAUSAL_INITS if n in by_name]
     if not causal:
         return None
-    baseline = by_name[SELF_FORCING_INIT]
-    best = max(causal, key=lambda m: m.stat("in_distribution", "total")[0])
-    (b_mean, b_std), (c_mean, c_std) = (baseline.stat("in_distribution", "total"),
-                                        best.stat("in_distribution", "total"))
+    over_runs = len(_run_totals(models, SELF_FORCING_INIT)) > 1 and any(
+        len(_run_totals(models, m.name)) > 1 for m in causal)
+    if over_runs:
+        causal = [m for m in causal if len(_run_totals(models, m.name)) > 1]
+        samples = {m.name: _run_totals(models, m.name) for m in [*causal, by_name[SELF_FORCING_INIT]]}
+    else:
+        samples = {m.name: m.values["in_distribution"]["total"] for m in [*causal, by_name[SELF_FORCING_INIT]]}
+    best = max(causal, key=lambda m: mean_std(samples[m.name])[0])
+    (b_mean, b_std), (c_mean, c_std) = mean_std(samples[SELF_FORCING_INIT]), mean_std(samples[best.name])
     margin = b_std + c_std
     if c_mean - b_mean > margin:
         verdict = "reproduced"
@@ -111,7 +129,10 @@ def key_comparison(models: Sequence[ModelScores]) -> dict[str, Any] | None:
     else:
         verdict = "inconclusive"
     return {"causal_model": best.name, "causal_total": [c_mean, c_std], "self_forcing_total": [b_mean, b_std],
-            "seeds": min(best.seeds, baseline.seeds), "difference": c_mean - b_mean, "verdict": verdict}
+            "causal_runs": samples[best.name], "self_forcing_runs": samples[SELF_FORCING_INIT],
+            "over": "training seeds" if over_runs else "sampling seeds",
+            "seeds": min(len(samples[best.name]), len(samples[SELF_FORCING_INIT])),
+            "difference": c_mean - b_mean, "verdict": verdict}
 
 
 def _atomic_write(path: Path, write: Any) -> Path:
@@ -182,8 +203,10 @@ def write_report(out: str | Path, *, sample_models: Sequence[str] = (), samples:
         c, b = comparison["causal_total"], comparison["self_forcing_total"]
         text += ["### Causal init vs Self Forcing init (frame-wise, after DMD, in-distribution Total)", "",
                  f"{comparison['causal_model']}: {c[0]:.3f} ± {c[1]:.3f}; {SELF_FORCING_INIT}: "
-                 f"{b[0]:.3f} ± {b[1]:.3f} over {comparison['seeds']} seeds; difference {comparison['difference']:+.3f}"
-                 f" → **{comparison['verdict']}**.", ""]
+                 f"{b[0]:.3f} ± {b[1]:.3f} over {comparison['seeds']} {comparison['over']}; difference "
+                 f"{comparison['difference']:+.3f} → **{comparison['verdict']}**.", "",
+                 "Per " + comparison["over"][:-1] + ": causal " + ", ".join(f"{v:.3f}" for v in comparison["causal_runs"])
+                 + "; Self Forcing " + ", ".join(f"{v:.3f}" for v in comparison["self_forcing_runs"]) + ".", ""]
     _atomic_write(report / "scores.md", lambda tmp: tmp.write_text("\n".join(text)))
     data = {"models": [{"name": m.name, "kind": m.kind, "block_size": m.block_size, "steps": m.steps,
                         "seeds": m.seeds, **{split: {c: list(m.stat(split, c)) for c in COLUMNS} for split in SPLITS}}

@@ -23,6 +23,8 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "shapes"
 SHIPPED_VAE = Path(__file__).resolve().parents[1] / "assets" / "shapes_vae"
 TEXT_LEN = 32
 FEW_STEP = [1000.0, 750.0, 500.0, 250.0]
+#: The frame-wise inits of the key comparison (causal ODE init vs Self Forcing's bidirectional ODE init).
+KEY_INITS = ("causal_ode_framewise", "self_forcing_ode_framewise")
 
 
 @dataclass
@@ -35,11 +37,12 @@ class Step:
 
 class ShapesRecipe:
     def __init__(self, out: str | Path, *, num_clips: int = 6000, workers: int = 2, seeds: int = 3,
-                 quick: bool = False):
+                 train_seeds: int = 3, quick: bool = False):
         self.out = Path(out)
         self.num_clips = num_clips
         self.workers = workers
-        self.seeds = seeds
+        self.seeds = seeds              # sampling seeds of the 4-step DMD students
+        self.train_seeds = train_seeds  # DMD runs (train.seed 0, 1, ...) of the two key-comparison students
         self.quick = quick  # tiny step counts, for tests of the wiring
         self.steps = self._build()
 
@@ -106,7 +109,8 @@ class ShapesRecipe:
         return go
 
     def _evaluate(self, name: str, model_dir: Path, kind: str, block: int,
-                  steps: int | None = None, seeds: int = 1) -> Callable[[], None]:
+                  steps: int | None = None, seeds: int = 1, replica_of: str | None = None,
+                  train_seed: int = 0) -> Callable[[], None]:
         """ShapesBench on the 200-prompt set over `seeds` seeds (the causal few-step models only; a many-step
         teacher once), with one of the released 1/2/4-step lists when `steps` is given."""
         def go() -> None:
@@ -129,6 +133,7 @@ class ShapesRecipe:
             tmp = out / "summary.json.tmp"
             tmp.write_text(json.dumps({"model": name, "kind": kind, "block_size": block,
                                        "steps": (steps or 4) if kind == "causal" else None,
+                                       "replica_of": replica_of, "train_seed": train_seed,
                                        "seeds": [{k: r[k] for k in ("in_distribution", "held_out", "all")}
                                                  for r in reports]}, indent=1))
             tmp.rename(out / "summary.json")
@@ -190,6 +195,18 @@ class ShapesRecipe:
                 model = f"dmd_{name}"
                 S.append(Step(f"eval-{model}-{steps}step", self.p("eval", f"{model}_{steps}step", "summary.json"),
                               self._evaluate(f"{model}_{steps}step", self.final(model), "causal", block, steps)))
+        # The key comparison over training seeds too: the DMD stage of both frame-wise inits run again with
+        # train.seed = 1, 2, ... (same init, same settings), each evaluated with sampling seed 0.
+        for k in range(1, self.train_seeds):
+            for name in KEY_INITS:
+                run = f"dmd_{name}_train{k}"
+                S.append(Step(f"dmd_{name}-train{k}", self.final(run),
+                              self._train("dmd", "dmd.yaml", run,
+                                          [lat, f"train.init={self.final(name)}", f"stage.real_score={bidir}",
+                                           "stage.block_size=1", f"train.seed={k}"])))
+                S.append(Step(f"eval-dmd_{name}-train{k}", self.p("eval", run, "summary.json"),
+                              self._evaluate(run, self.final(run), "causal", 1, replica_of=f"dmd_{name}",
+                                             train_seed=k)))
         S.append(Step("ship", self.p("pipelines", "shipped.json"), self._ship))
         S.append(Step("report", self.p("report", "scores.md"), self._report))
         return S
