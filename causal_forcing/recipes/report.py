@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -201,12 +202,13 @@ def write_report(out: str | Path, *, sample_models: Sequence[str] = (), samples:
     text = ["# ShapesBench scores", "", score_tables(models)]
     if comparison is not None:
         c, b = comparison["causal_total"], comparison["self_forcing_total"]
+        summary = (f"{comparison['causal_model']}: {c[0]:.3f} ± {c[1]:.3f}; {SELF_FORCING_INIT}: "
+                   f"{b[0]:.3f} ± {b[1]:.3f} over {comparison['seeds']} {comparison['over']}; difference "
+                   f"{comparison['difference']:+.3f} → **{comparison['verdict']}**.")
+        per_run = (f"Per {comparison['over'][:-1]}: causal {', '.join(f'{v:.3f}' for v in comparison['causal_runs'])}"
+                   f"; Self Forcing {', '.join(f'{v:.3f}' for v in comparison['self_forcing_runs'])}.")
         text += ["### Causal init vs Self Forcing init (frame-wise, after DMD, in-distribution Total)", "",
-                 f"{comparison['causal_model']}: {c[0]:.3f} ± {c[1]:.3f}; {SELF_FORCING_INIT}: "
-                 f"{b[0]:.3f} ± {b[1]:.3f} over {comparison['seeds']} {comparison['over']}; difference "
-                 f"{comparison['difference']:+.3f} → **{comparison['verdict']}**.", "",
-                 "Per " + comparison["over"][:-1] + ": causal " + ", ".join(f"{v:.3f}" for v in comparison["causal_runs"])
-                 + "; Self Forcing " + ", ".join(f"{v:.3f}" for v in comparison["self_forcing_runs"]) + ".", ""]
+                 summary, "", per_run, ""]
     _atomic_write(report / "scores.md", lambda tmp: tmp.write_text("\n".join(text)))
     data = {"models": [{"name": m.name, "kind": m.kind, "block_size": m.block_size, "steps": m.steps,
                         "seeds": m.seeds, **{split: {c: list(m.stat(split, c)) for c in COLUMNS} for split in SPLITS}}
