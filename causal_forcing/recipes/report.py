@@ -113,11 +113,11 @@ def key_comparison(models: Sequence[ModelScores]) -> dict[str, Any] | None:
     causal = [by_name[n] for n in CAUSAL_INITS if n in by_name]
     if not causal:
         return None
-    over_runs = len(_run_totals(models, SELF_FORCING_INIT)) > 1 and any(
-        len(_run_totals(models, m.name)) > 1 for m in causal)
+    runs = {m.name: _run_totals(models, m.name) for m in [*causal, by_name[SELF_FORCING_INIT]]}
+    over_runs = len(runs[SELF_FORCING_INIT]) > 1 and any(len(runs[m.name]) > 1 for m in causal)
     if over_runs:
-        causal = [m for m in causal if len(_run_totals(models, m.name)) > 1]
-        samples = {m.name: _run_totals(models, m.name) for m in [*causal, by_name[SELF_FORCING_INIT]]}
+        causal = [m for m in causal if len(runs[m.name]) > 1]
+        samples = runs
     else:
         samples = {m.name: m.values["in_distribution"]["total"] for m in [*causal, by_name[SELF_FORCING_INIT]]}
     best = max(causal, key=lambda m: mean_std(samples[m.name])[0])

@@ -175,12 +175,16 @@ class ShapesRecipe:
                                             f"train.init={bidir}"]),
             "causal_cd_framewise": ("causal-cd", "causal_cd.yaml", 1, [lat, f"train.init={self.final('ar_framewise')}"]),
         }
+
+        def dmd(init: str, block: int, seed: int = 0) -> Callable[[], None]:
+            """Asymmetric DMD from `init` (real score: the bidirectional teacher); seed > 0 is a replica run."""
+            run = f"dmd_{init}" + (f"_train{seed}" if seed else "")
+            over = [lat, f"train.init={self.final(init)}", f"stage.real_score={bidir}", f"stage.block_size={block}"]
+            return self._train("dmd", "dmd.yaml", run, over + ([f"train.seed={seed}"] if seed else []))
+
         for name, (stage, cfg, block, over) in inits.items():
             S.append(Step(name, self.final(name), self._train(stage, cfg, name, over + [f"stage.block_size={block}"])))
-            S.append(Step(f"dmd_{name}", self.final(f"dmd_{name}"),
-                          self._train("dmd", "dmd.yaml", f"dmd_{name}",
-                                      [lat, f"train.init={self.final(name)}", f"stage.real_score={bidir}",
-                                       f"stage.block_size={block}"])))
+            S.append(Step(f"dmd_{name}", self.final(f"dmd_{name}"), dmd(name, block)))
         S.append(Step("eval-bidirectional", self.p("eval", "bidirectional", "summary.json"),
                       self._evaluate("bidirectional", bidir, "bidirectional", 1)))
         for mode, block in (("framewise", 1), ("chunkwise", 3)):
@@ -200,10 +204,7 @@ class ShapesRecipe:
         for k in range(1, self.train_seeds):
             for name in KEY_INITS:
                 run = f"dmd_{name}_train{k}"
-                S.append(Step(f"dmd_{name}-train{k}", self.final(run),
-                              self._train("dmd", "dmd.yaml", run,
-                                          [lat, f"train.init={self.final(name)}", f"stage.real_score={bidir}",
-                                           "stage.block_size=1", f"train.seed={k}"])))
+                S.append(Step(f"dmd_{name}-train{k}", self.final(run), dmd(name, 1, k)))
                 S.append(Step(f"eval-dmd_{name}-train{k}", self.p("eval", run, "summary.json"),
                               self._evaluate(run, self.final(run), "causal", 1, replica_of=f"dmd_{name}",
                                              train_seed=k)))
