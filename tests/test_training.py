@@ -261,3 +261,17 @@ def test_lr_schedule_drives_the_optimizer_and_resumes(dataset, tmp_path):
     assert lrs(part, (3, 4)) == pytest.approx([1e-3 * (0.2 + 0.8 * 0.75), 1e-3 * (0.2 + 0.8 * 0.25)])
     a, b = _weights(full), _weights(part)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_logged_metrics_are_window_means(dataset, tmp_path):
+    """Truth: the same run logged every step. Logging every 2 steps writes, at steps 2 and 4 (and the last, 5),
+    the mean of the per-step values since the previous line, so no step's metrics are lost between lines."""
+    import json
+    run_stage("bidirectional", None, _args(dataset, tmp_path / "every", 5))
+    run_stage("bidirectional", None, _args(dataset, tmp_path / "window", 5, **{"train.log_every": 2}))
+    every = [json.loads(x) for x in (tmp_path / "every" / "metrics.jsonl").read_text().splitlines()]
+    window = [json.loads(x) for x in (tmp_path / "window" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in window] == [2, 4, 5]
+    for row, group in zip(window, ([0, 1], [2, 3], [4])):
+        expected = sum(every[i]["loss"] for i in group) / len(group)
+        assert row["loss"] == pytest.approx(expected, rel=1e-6)

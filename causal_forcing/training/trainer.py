@@ -23,6 +23,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -424,6 +425,9 @@ class Trainer:
         log = MetricsLog(self.out / "metrics.jsonl", self.step, enabled=self.dist.is_main)
         bar = _progress(cfg.max_steps, self.step, enabled=cfg.progress and self.dist.is_main,
                         desc=getattr(self.stage, "name", "train"))
+        # Each logged line holds the mean of every metric over the steps since the previous line, so metrics that
+        # only some steps produce (DMD's generator loss, one step in update_ratio) are logged whatever the phase.
+        window: dict[str, list[float]] = {}
         while self.step < cfg.max_steps:
             t0 = time.perf_counter()
             metrics = self.stage.step(self)
@@ -431,8 +435,11 @@ class Trainer:
             dt = time.perf_counter() - t0
             metrics = {k: float(v) for k, v in metrics.items()}
             metrics.update(step_time=dt, samples_per_s=self.cfg.data.batch_size * self.dist.world_size / dt)
+            for k, v in metrics.items():
+                window.setdefault(k, []).append(v)
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
-                log.write(self.step, metrics)
+                log.write(self.step, {k: math.fsum(v) / len(v) for k, v in window.items()})
+                window = {}
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if "loss" in k})
@@ -505,7 +512,9 @@ def _progress(total: int, initial: int, enabled: bool, desc: str):
         from tqdm import tqdm
     except ImportError:
         return None
-    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
+    # Into a log file (not a terminal) a bar redrawn every step would be thousands of lines: once a minute there.
+    interval = 0.1 if sys.stderr.isatty() else 60.0
+    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, mininterval=interval)
 
 
 def _yaml(data: Any) -> str:
