@@ -1,8 +1,12 @@
-"""The ShapesWorld recipe's wiring end to end: every step with tiny step counts (slow: a few minutes)."""
+"""The ShapesWorld recipe: its wiring end to end with tiny step counts (slow: a few minutes), and the scheduler
+that runs independent steps side by side."""
 import json
+import threading
+import time
 
 import pytest
 
+from causal_forcing.errors import InputError
 from causal_forcing.recipes.shapes import ShapesRecipe
 
 
@@ -12,8 +16,9 @@ def test_recipe_runs_every_step_and_skips_finished_ones(tmp_path):
     SmallVAE().save_folder(tmp_path / "vae")          # a random VAE stands in for the shipped one
     recipe = ShapesRecipe(tmp_path, num_clips=24, workers=1, seeds=2, train_seeds=2, quick=True)
     logs = []
-    recipe.run(log=logs.append)
-    assert all(step.output.exists() for step in recipe.steps)
+    recipe.run(log=logs.append, jobs=2, poll_s=0.5)     # two steps at a time, each in its own process
+    assert all(step.output.exists() for step in recipe.steps), [s.name for s in recipe.steps if not s.output.exists()]
+    assert (tmp_path / "logs" / "ship.log").exists()
     summary = json.loads((tmp_path / "eval" / "dmd_causal_ode_framewise" / "summary.json").read_text())
     assert len(summary["seeds"]) == 2 and summary["seeds"][0]["all"]["n"] == 4   # the key comparison: --seeds
     for once in ("causal_ode_framewise", "dmd_causal_ode_framewise_2step", "bidirectional"):
@@ -45,7 +50,65 @@ def test_recipe_cli_lists_replicas_and_rejects_bad_counts(tmp_path, capsys):
                         for init in ("causal_ode_framewise", "self_forcing_ode_framewise") for prefix in ("", "eval-")]
     assert steps.index("eval-dmd_self_forcing_ode_framewise-train2") < steps.index("ship")
     assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())   # --list runs nothing
-    for flag in ("--train-seeds", "--seeds"):
+    for flag in ("--train-seeds", "--seeds", "--jobs"):
         assert cli.main(["recipe", "shapes", "--out", str(tmp_path / "r"), flag, "0"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "--train-seeds" in err[0]
+
+
+class _FakeStep:
+    """Stands in for a step's process: 'runs' for a moment in a thread, then writes the step's output."""
+
+    def __init__(self, step, log, fail):
+        self.rc = None
+        self.step, self.log, self.fail = step, log, fail
+        threading.Thread(target=self._go, daemon=True).start()
+
+    def _go(self):
+        self.log.append(("start", self.step.name, time.perf_counter()))
+        time.sleep(0.02)
+        if not self.fail:
+            self.step.output.parent.mkdir(parents=True, exist_ok=True)
+            self.step.output.touch()
+        self.log.append(("end", self.step.name, time.perf_counter()))
+        self.rc = 1 if self.fail else 0
+
+    def poll(self):
+        return self.rc
+
+
+def test_parallel_run_respects_needs_and_the_job_limit(tmp_path):
+    """Truth: each step's declared needs. No step starts before all of its needs ended, never more than `jobs`
+    run at once, independent steps do overlap, and every step runs exactly once."""
+    recipe = ShapesRecipe(tmp_path, seeds=1, train_seeds=2, quick=True)
+    events = []
+    recipe.run(log=lambda m: None, jobs=3, launch=lambda step: _FakeStep(step, events, False), poll_s=0.005)
+    ended = {name: t for kind, name, t in events if kind == "end"}
+    started = {name: t for kind, name, t in events if kind == "start"}
+    assert sorted(started) == sorted(s.name for s in recipe.steps) == sorted(ended)
+    for step in recipe.steps:
+        assert all(ended[n] <= started[step.name] for n in step.needs), step.name
+    live, peak = 0, 0
+    for kind, _, _ in sorted(events, key=lambda e: (e[2], e[0] == "start")):
+        live += 1 if kind == "start" else -1
+        peak = max(peak, live)
+    assert 2 <= peak <= 3
+    assert set(recipe.steps[-1].needs) == {s.name for s in recipe.steps[:-1]}   # the report waits for all
+
+
+def test_parallel_run_stops_at_a_failed_step(tmp_path):
+    recipe = ShapesRecipe(tmp_path, seeds=1, train_seeds=1, quick=True)
+    events = []
+    with pytest.raises(InputError, match="recipe steps failed: encode"):
+        recipe.run(log=lambda m: None, jobs=2, poll_s=0.005,
+                   launch=lambda step: _FakeStep(step, events, step.name == "encode"))
+    started = {name for kind, name, _ in events if kind == "start"}
+    assert "encode" in started and "bidirectional-short" not in started   # nothing that needs it ran
+
+
+def test_a_step_whose_needs_are_neither_done_nor_selected_is_refused(tmp_path):
+    recipe = ShapesRecipe(tmp_path, quick=True)
+    for jobs in (1, 2):
+        with pytest.raises(InputError, match="dmd_causal_ode_framewise needs causal_ode_framewise"):
+            recipe.run(only=["dmd_causal_ode_framewise"], log=lambda m: None, jobs=jobs)
+    assert not (tmp_path / "runs").exists()

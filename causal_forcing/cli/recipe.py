@@ -18,6 +18,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="sampling seeds of the 4-step DMD students; other models are evaluated once")
     s.add_argument("--train-seeds", type=int, default=3,
                    help="DMD runs (training seeds) of the two key-comparison students, causal vs Self Forcing init")
+    s.add_argument("--jobs", type=int, default=1,
+                   help="steps run side by side, each in its own process with cores/jobs threads (default 1)")
+    s.add_argument("--quick", action="store_true",
+                   help="tiny step counts and 4 evaluation prompts: checks the wiring in minutes, trains nothing useful")
     s.add_argument("--list", action="store_true", help="list the steps and whether they are done")
     s.set_defaults(func=run)
 
@@ -25,13 +29,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..errors import InputError
     from ..recipes.shapes import ShapesRecipe
-    if min(args.num_clips, args.workers, args.seeds, args.train_seeds) < 1:
-        raise InputError("--num-clips, --workers, --seeds and --train-seeds must be >= 1")
+    if min(args.num_clips, args.workers, args.seeds, args.train_seeds, args.jobs) < 1:
+        raise InputError("--num-clips, --workers, --seeds, --train-seeds and --jobs must be >= 1")
     recipe = ShapesRecipe(args.out, num_clips=args.num_clips, workers=args.workers, seeds=args.seeds,
-                          train_seeds=args.train_seeds)
+                          train_seeds=args.train_seeds, quick=args.quick)
     if args.list:
         for step in recipe.steps:
             print(f"{'done' if step.output.exists() else '    '}  {step.name:<34} {step.output}")
         return 0
-    recipe.run(args.only, args.until, log=lambda m: print(m, flush=True))
+    recipe.run(args.only, args.until, log=lambda m: print(m, flush=True), jobs=args.jobs)
     return 0

@@ -11,11 +11,15 @@ Stage settings come from ``configs/shapes/*.yaml``; the recipe only wires paths 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..errors import InputError
 
@@ -32,7 +36,7 @@ class Step:
     name: str
     output: Path                   # the step is done when this exists
     run: Callable[[], None]
-    after: list[str] = field(default_factory=list)
+    needs: list[str] = field(default_factory=list)   # steps whose outputs this one reads
 
 
 class ShapesRecipe:
@@ -149,31 +153,36 @@ class ShapesRecipe:
             Step("encode", self.p("latents", ".complete"), self._encode_complete, ["data", "vae"]),
             # The teacher from scratch on the first 9 latent frames (cheap), then continued on whole clips.
             Step("bidirectional-short", self.final("bidirectional_short"),
-                 self._train("bidirectional", "bidirectional_short.yaml", "bidirectional_short", [lat])),
+                 self._train("bidirectional", "bidirectional_short.yaml", "bidirectional_short", [lat]), ["encode"]),
             Step("bidirectional", self.final("bidirectional"),
                  self._train("bidirectional", "bidirectional.yaml", "bidirectional",
-                             [lat, f"train.init={self.final('bidirectional_short')}"])),
+                             [lat, f"train.init={self.final('bidirectional_short')}"]), ["bidirectional-short"]),
         ]
+        evaluation = ["eval-data", "vae"]  # what every evaluation reads besides its model
         bidir = self.final("bidirectional")
         for mode, block in (("framewise", 1), ("chunkwise", 3)):
             S.append(Step(f"ar-{mode}", self.final(f"ar_{mode}"),
                           self._train("ar-diffusion", "ar_diffusion.yaml", f"ar_{mode}",
-                                      [lat, f"train.init={bidir}", f"stage.block_size={block}"])))
+                                      [lat, f"train.init={bidir}", f"stage.block_size={block}"]), ["bidirectional"]))
             S.append(Step(f"ode-causal-{mode}", self.p("ode", f"causal_{mode}"),
-                          self._ode(f"causal_{mode}", self.final(f"ar_{mode}"), "causal", block)))
+                          self._ode(f"causal_{mode}", self.final(f"ar_{mode}"), "causal", block), [f"ar-{mode}"]))
         S.append(Step("ode-bidirectional", self.p("ode", "bidirectional"),
-                      self._ode("bidirectional", bidir, "bidirectional", 1)))
+                      self._ode("bidirectional", bidir, "bidirectional", 1), ["bidirectional"]))
+        # init name → (stage, config, block size, overrides, the steps it reads)
         inits = {
             "causal_ode_framewise": ("causal-ode", "causal_ode.yaml", 1,
                                      [f"data.path={self.p('ode', 'causal_framewise')}", "stage.mode=causal",
-                                      f"train.init={self.final('ar_framewise')}"]),
+                                      f"train.init={self.final('ar_framewise')}"],
+                                     ["ode-causal-framewise", "ar-framewise"]),
             "causal_ode_chunkwise": ("causal-ode", "causal_ode.yaml", 3,
                                      [f"data.path={self.p('ode', 'causal_chunkwise')}", "stage.mode=causal",
-                                      f"train.init={self.final('ar_chunkwise')}"]),
+                                      f"train.init={self.final('ar_chunkwise')}"],
+                                     ["ode-causal-chunkwise", "ar-chunkwise"]),
             "self_forcing_ode_framewise": ("causal-ode", "causal_ode.yaml", 1,
                                            [f"data.path={self.p('ode', 'bidirectional')}", "stage.mode=self-forcing",
-                                            f"train.init={bidir}"]),
-            "causal_cd_framewise": ("causal-cd", "causal_cd.yaml", 1, [lat, f"train.init={self.final('ar_framewise')}"]),
+                                            f"train.init={bidir}"], ["ode-bidirectional", "bidirectional"]),
+            "causal_cd_framewise": ("causal-cd", "causal_cd.yaml", 1, [lat, f"train.init={self.final('ar_framewise')}"],
+                                    ["encode", "ar-framewise"]),
         }
 
         def dmd(init: str, block: int, seed: int = 0) -> Callable[[], None]:
@@ -182,34 +191,40 @@ class ShapesRecipe:
             over = [lat, f"train.init={self.final(init)}", f"stage.real_score={bidir}", f"stage.block_size={block}"]
             return self._train("dmd", "dmd.yaml", run, over + ([f"train.seed={seed}"] if seed else []))
 
-        for name, (stage, cfg, block, over) in inits.items():
-            S.append(Step(name, self.final(name), self._train(stage, cfg, name, over + [f"stage.block_size={block}"])))
-            S.append(Step(f"dmd_{name}", self.final(f"dmd_{name}"), dmd(name, block)))
+        for name, (stage, cfg, block, over, needs) in inits.items():
+            S.append(Step(name, self.final(name), self._train(stage, cfg, name, over + [f"stage.block_size={block}"]),
+                          needs))
+            S.append(Step(f"dmd_{name}", self.final(f"dmd_{name}"), dmd(name, block), [name, "bidirectional"]))
         S.append(Step("eval-bidirectional", self.p("eval", "bidirectional", "summary.json"),
-                      self._evaluate("bidirectional", bidir, "bidirectional", 1)))
+                      self._evaluate("bidirectional", bidir, "bidirectional", 1), ["bidirectional", *evaluation]))
         for mode, block in (("framewise", 1), ("chunkwise", 3)):
             S.append(Step(f"eval-ar-{mode}", self.p("eval", f"ar_{mode}", "summary.json"),
-                          self._evaluate(f"ar_{mode}", self.final(f"ar_{mode}"), "autoregressive", block)))
-        for name, (_, _, block, _) in inits.items():
+                          self._evaluate(f"ar_{mode}", self.final(f"ar_{mode}"), "autoregressive", block),
+                          [f"ar-{mode}", *evaluation]))
+        for name, (_, _, block, _, _) in inits.items():
             # The 4-step DMD students (the key comparison) over `self.seeds` seeds; inits and fewer steps once.
             for model, seeds in ((name, 1), (f"dmd_{name}", self.seeds)):
                 S.append(Step(f"eval-{model}", self.p("eval", model, "summary.json"),
-                              self._evaluate(model, self.final(model), "causal", block, seeds=seeds)))
+                              self._evaluate(model, self.final(model), "causal", block, seeds=seeds),
+                              [model, *evaluation]))
             for steps in (2, 1):  # the DMD students with the released fewer-step lists (trained at 4 steps)
                 model = f"dmd_{name}"
                 S.append(Step(f"eval-{model}-{steps}step", self.p("eval", f"{model}_{steps}step", "summary.json"),
-                              self._evaluate(f"{model}_{steps}step", self.final(model), "causal", block, steps)))
+                              self._evaluate(f"{model}_{steps}step", self.final(model), "causal", block, steps),
+                              [model, *evaluation]))
         # The key comparison over training seeds too: the DMD stage of both frame-wise inits run again with
         # train.seed = 1, 2, ... (same init, same settings), each evaluated with sampling seed 0.
         for k in range(1, self.train_seeds):
             for name in KEY_INITS:
                 run = f"dmd_{name}_train{k}"
-                S.append(Step(f"dmd_{name}-train{k}", self.final(run), dmd(name, 1, k)))
+                S.append(Step(f"dmd_{name}-train{k}", self.final(run), dmd(name, 1, k), [name, "bidirectional"]))
                 S.append(Step(f"eval-dmd_{name}-train{k}", self.p("eval", run, "summary.json"),
                               self._evaluate(run, self.final(run), "causal", 1, replica_of=f"dmd_{name}",
-                                             train_seed=k)))
-        S.append(Step("ship", self.p("pipelines", "shipped.json"), self._ship))
-        S.append(Step("report", self.p("report", "scores.md"), self._report))
+                                             train_seed=k), [f"dmd_{name}-train{k}", *evaluation]))
+        # Shipping and the report read whatever has been evaluated: they wait for every step before them.
+        before = [s.name for s in S]
+        S.append(Step("ship", self.p("pipelines", "shipped.json"), self._ship, before))
+        S.append(Step("report", self.p("report", "scores.md"), self._report, [*before, "ship"]))
         return S
 
     def _ship(self) -> None:
@@ -280,9 +295,23 @@ class ShapesRecipe:
             steps = [s for s in steps if s.name in only]
         return steps
 
-    def run(self, only: list[str] | None = None, until: str | None = None, log: Callable[[str], None] = print) -> None:
+    def run(self, only: list[str] | None = None, until: str | None = None, log: Callable[[str], None] = print,
+            jobs: int = 1, launch: Callable[[Step], Any] | None = None, poll_s: float = 5.0) -> None:
+        """Run the selected steps that are not done. ``jobs`` > 1 runs independent steps side by side, each in its
+        own process (``launch``, default `_launch`) with the machine's cores shared out: the networks are small,
+        so two one-thread trainings together go almost twice as fast as one after the other with two threads."""
         self.out.mkdir(parents=True, exist_ok=True)
-        for step in self.select(only, until):
+        steps = self.select(only, until)
+        chosen = {s.name for s in steps}
+        by_name = {s.name: s for s in self.steps}
+        for step in steps:
+            missing = [n for n in step.needs if n not in chosen and not by_name[n].output.exists()]
+            if missing and not step.output.exists():
+                raise InputError(f"recipe step {step.name} needs {', '.join(missing)}: not done and not selected")
+        if jobs > 1:
+            self._run_parallel(steps, jobs, log, launch or self._launch(jobs), poll_s)
+            return
+        for step in steps:
             if step.output.exists():
                 log(f"[skip] {step.name}: {step.output} exists")
                 continue
@@ -293,3 +322,58 @@ class ShapesRecipe:
             with open(self.out / "recipe_log.jsonl", "a") as f:
                 f.write(json.dumps({"step": step.name, "seconds": round(time.perf_counter() - t0, 1),
                                     "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+
+    def _launch(self, jobs: int) -> Callable[[Step], Any]:
+        """One step in a child process (`recipe shapes --only STEP`, same settings), output to ``logs/STEP.log``."""
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = str(max(1, cores // jobs))
+        env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        args = [sys.executable, "-m", "causal_forcing", "recipe", "shapes", "--out", str(self.out),
+                "--num-clips", str(self.num_clips), "--workers", str(self.workers), "--seeds", str(self.seeds),
+                "--train-seeds", str(self.train_seeds), *(["--quick"] if self.quick else [])]
+
+        def launch(step: Step) -> subprocess.Popen:
+            logs = self.p("logs")
+            logs.mkdir(parents=True, exist_ok=True)
+            with open(logs / f"{step.name}.log", "ab") as f:
+                return subprocess.Popen([*args, "--only", step.name], env=env, stdout=f, stderr=subprocess.STDOUT)
+        return launch
+
+    def _run_parallel(self, steps: list[Step], jobs: int, log: Callable[[str], None],
+                      launch: Callable[[Step], Any], poll_s: float) -> None:
+        by_name = {s.name: s for s in self.steps}
+        pending = []
+        for step in steps:
+            if step.output.exists():
+                log(f"[skip] {step.name}: {step.output} exists")
+            else:
+                pending.append(step)
+        running: dict[str, tuple[Any, float]] = {}
+        failed: list[str] = []
+        while pending or running:
+            # Start, in plan order, every step whose inputs exist, while there is room and nothing has failed.
+            for step in list(pending):
+                if failed or len(running) >= jobs:
+                    break
+                if all(by_name[n].output.exists() for n in step.needs):
+                    pending.remove(step)
+                    log(f"[run ] {step.name}")
+                    running[step.name] = (launch(step), time.perf_counter())
+            if not running:
+                if pending and not failed:
+                    raise InputError(f"recipe steps {', '.join(s.name for s in pending)} cannot start: "
+                                     f"the steps they need finished without their outputs")
+                break
+            time.sleep(poll_s)
+            for name, (handle, t0) in list(running.items()):
+                rc = handle.poll()
+                if rc is None:
+                    continue
+                del running[name]
+                if rc == 0 and by_name[name].output.exists():
+                    log(f"[done] {name} in {time.perf_counter() - t0:.0f} s")
+                else:
+                    failed.append(name)
+                    log(f"[fail] {name} (exit code {rc}; log: {self.p('logs', name + '.log')})")
+        if failed:
+            raise InputError(f"recipe steps failed: {', '.join(failed)} (logs in {self.p('logs')})")

@@ -33,7 +33,13 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..checkpoints import atomic_path, load_dit_weights, load_into, save_model_folder, save_released_pt
+from ..checkpoints import (
+    atomic_path,
+    load_dit_weights,
+    load_into,
+    save_model_folder,
+    save_released_pt,
+)
 from ..errors import CheckpointError, ConfigError
 from .config import to_dict
 
@@ -442,7 +448,7 @@ class Trainer:
                 window = {}
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if "loss" in k})
+                bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if "loss" in k}, refresh=False)
             if cfg.sample_every and self.step % cfg.sample_every == 0 and hasattr(self.stage, "sample"):
                 self.stage.sample(self)
             if self.step % cfg.save_every == 0 or self.step == cfg.max_steps:
