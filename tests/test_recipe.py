@@ -87,13 +87,13 @@ def test_parallel_run_respects_needs_and_the_job_limit(tmp_path):
     started = {name: t for kind, name, t in events if kind == "start"}
     assert sorted(started) == sorted(s.name for s in recipe.steps) == sorted(ended)
     for step in recipe.steps:
-        assert all(ended[n] <= started[step.name] for n in step.needs), step.name
+        assert all(ended[n] <= started[step.name] for n in step.needs + step.after), step.name
     live, peak = 0, 0
     for kind, _, _ in sorted(events, key=lambda e: (e[2], e[0] == "start")):
         live += 1 if kind == "start" else -1
         peak = max(peak, live)
     assert 2 <= peak <= 3
-    assert set(recipe.steps[-1].needs) == {s.name for s in recipe.steps[:-1]}   # the report waits for all
+    assert set(recipe.steps[-1].after) == {s.name for s in recipe.steps[:-1]}   # the report waits for all
 
 
 def test_parallel_run_stops_at_a_failed_step(tmp_path):
@@ -112,3 +112,5 @@ def test_a_step_whose_needs_are_neither_done_nor_selected_is_refused(tmp_path):
         with pytest.raises(InputError, match="dmd_causal_ode_framewise needs causal_ode_framewise"):
             recipe.run(only=["dmd_causal_ode_framewise"], log=lambda m: None, jobs=jobs)
     assert not (tmp_path / "runs").exists()
+    # ship and report wait for the steps before them only when those run too: alone they use what exists
+    assert not recipe.steps[-2].needs and recipe.steps[-2].name == "ship"

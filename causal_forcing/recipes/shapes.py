@@ -37,6 +37,7 @@ class Step:
     output: Path                   # the step is done when this exists
     run: Callable[[], None]
     needs: list[str] = field(default_factory=list)   # steps whose outputs this one reads
+    after: list[str] = field(default_factory=list)   # steps it waits for when they run too (it reads whatever exists)
 
 
 class ShapesRecipe:
@@ -221,10 +222,11 @@ class ShapesRecipe:
                 S.append(Step(f"eval-dmd_{name}-train{k}", self.p("eval", run, "summary.json"),
                               self._evaluate(run, self.final(run), "causal", 1, replica_of=f"dmd_{name}",
                                              train_seed=k), [f"dmd_{name}-train{k}", *evaluation]))
-        # Shipping and the report read whatever has been evaluated: they wait for every step before them.
+        # Shipping and the report use whatever has been trained and evaluated: when other steps run in the same
+        # call they wait for them all, but they need none of them.
         before = [s.name for s in S]
-        S.append(Step("ship", self.p("pipelines", "shipped.json"), self._ship, before))
-        S.append(Step("report", self.p("report", "scores.md"), self._report, [*before, "ship"]))
+        S.append(Step("ship", self.p("pipelines", "shipped.json"), self._ship, after=before))
+        S.append(Step("report", self.p("report", "scores.md"), self._report, after=[*before, "ship"]))
         return S
 
     def _ship(self) -> None:
@@ -351,11 +353,13 @@ class ShapesRecipe:
         running: dict[str, tuple[Any, float]] = {}
         failed: list[str] = []
         while pending or running:
-            # Start, in plan order, every step whose inputs exist, while there is room and nothing has failed.
+            # Start, in plan order, every step whose inputs exist and that waits for no step still to run, while
+            # there is room and nothing has failed.
+            waiting = {s.name for s in pending} | set(running)
             for step in list(pending):
                 if failed or len(running) >= jobs:
                     break
-                if all(by_name[n].output.exists() for n in step.needs):
+                if all(by_name[n].output.exists() for n in step.needs) and not waiting.intersection(step.after):
                     pending.remove(step)
                     log(f"[run ] {step.name}")
                     running[step.name] = (launch(step), time.perf_counter())
