@@ -300,8 +300,8 @@ class ShapesRecipe:
     def run(self, only: list[str] | None = None, until: str | None = None, log: Callable[[str], None] = print,
             jobs: int = 1, launch: Callable[[Step], Any] | None = None, poll_s: float = 5.0) -> None:
         """Run the selected steps that are not done. ``jobs`` > 1 runs independent steps side by side, each in its
-        own process (``launch``, default `_launch`) with the machine's cores shared out: the networks are small,
-        so two one-thread trainings together go almost twice as fast as one after the other with two threads."""
+        own process (``launch``, default `_launch`) with the machine's cores shared out (DMD runs and evaluations
+        do not keep two threads busy, so two of them side by side take about half the time)."""
         self.out.mkdir(parents=True, exist_ok=True)
         steps = self.select(only, until)
         chosen = {s.name for s in steps}
@@ -311,7 +311,7 @@ class ShapesRecipe:
             if missing and not step.output.exists():
                 raise InputError(f"recipe step {step.name} needs {', '.join(missing)}: not done and not selected")
         if jobs > 1:
-            self._run_parallel(steps, jobs, log, launch or self._launch(jobs), poll_s)
+            self._run_parallel(steps, by_name, jobs, log, launch or self._launch(jobs), poll_s)
             return
         for step in steps:
             if step.output.exists():
@@ -341,9 +341,8 @@ class ShapesRecipe:
                 return subprocess.Popen([*args, "--only", step.name], env=env, stdout=f, stderr=subprocess.STDOUT)
         return launch
 
-    def _run_parallel(self, steps: list[Step], jobs: int, log: Callable[[str], None],
+    def _run_parallel(self, steps: list[Step], by_name: dict[str, Step], jobs: int, log: Callable[[str], None],
                       launch: Callable[[Step], Any], poll_s: float) -> None:
-        by_name = {s.name: s for s in self.steps}
         pending = []
         for step in steps:
             if step.output.exists():
