@@ -22,6 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="steps run side by side, each in its own process with cores/jobs threads (default 1)")
     s.add_argument("--quick", action="store_true",
                    help="tiny step counts and 4 evaluation prompts: checks the wiring in minutes, trains nothing useful")
+    s.add_argument("--configs", default=None, metavar="DIR",
+                   help="folder of stage configs (default: the package's configs/shapes, sized for 2 CPU cores; "
+                        "configs/shapes_gpu sizes the stages for one GPU)")
     s.add_argument("--list", action="store_true", help="list the steps and whether they are done")
     s.set_defaults(func=run)
 
@@ -32,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
     if min(args.num_clips, args.workers, args.seeds, args.train_seeds, args.jobs) < 1:
         raise InputError("--num-clips, --workers, --seeds, --train-seeds and --jobs must be >= 1")
     recipe = ShapesRecipe(args.out, num_clips=args.num_clips, workers=args.workers, seeds=args.seeds,
-                          train_seeds=args.train_seeds, quick=args.quick)
+                          train_seeds=args.train_seeds, quick=args.quick,
+                          configs=args.configs)
     if args.list:
         for step in recipe.steps:
             print(f"{'done' if step.output.exists() else '    '}  {step.name:<34} {step.output}")

@@ -69,7 +69,8 @@ def _check_meta(folder: Path, meta: dict[str, Any]) -> None:
 def encode_clips(clips: str | Path, vae: Any, out: str | Path, *, vae_name: str = "", text_encoder: Any = None,
                  text_encoder_name: str = "", shard_size: int = 64, limit: int | None = None,
                  progress: Callable[[int, int], None] | None = None) -> EncodeSummary:
-    """Encode the clips of `clips/manifest.jsonl` with `vae` (a `WanVAE` or `SmallVAE`) into the dataset `out`.
+    """Encode the clips of `clips/manifest.jsonl` with `vae` (a `WanVAE` or `SmallVAE`, on any device: each clip is
+    moved to its parameters' device) into the dataset `out`.
 
     `text_encoder` (a `models.text` encoder, optional) adds `context`; `vae_name` / `text_encoder_name` are
     recorded in `meta.json` and checked when a later run continues the folder. `limit` encodes only the first
@@ -83,6 +84,7 @@ def encode_clips(clips: str | Path, vae: Any, out: str | Path, *, vae_name: str 
     out = Path(out)
     _check_meta(out, meta)
     skipped = 0
+    device = next(iter(vae.parameters())).device if hasattr(vae, "parameters") else torch.device("cpu")
     with LatentWriter(out, kind="latents", shard_size=shard_size, meta=meta) as writer:
         for done, entry in enumerate(entries, 1):
             record = sample_record(entry)
@@ -90,7 +92,8 @@ def encode_clips(clips: str | Path, vae: Any, out: str | Path, *, vae_name: str 
                 skipped += 1
             else:
                 with torch.inference_mode():
-                    latents = vae.encode(_frames_to_pixels(load_clip(clips / entry["file"])))[0].float().cpu()
+                    pixels = _frames_to_pixels(load_clip(clips / entry["file"])).to(device)
+                    latents = vae.encode(pixels)[0].float().cpu()
                     context = (text_encoder.encode([record["caption"]])[0].float().cpu()
                                if text_encoder is not None else None)
                 writer.add(latents, record, context)

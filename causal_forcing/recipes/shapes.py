@@ -27,6 +27,9 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "shapes"
 SHIPPED_VAE = Path(__file__).resolve().parents[1] / "assets" / "shapes_vae"
 TEXT_LEN = 32
 FEW_STEP = [1000.0, 750.0, 500.0, 250.0]
+#: The stage config files the plan reads (from configs/shapes or the folder given as ``configs``).
+STAGE_FILES = ("bidirectional_short.yaml", "bidirectional.yaml", "ar_diffusion.yaml", "ode_data.yaml",
+               "causal_ode.yaml", "causal_cd.yaml", "dmd.yaml")
 #: The frame-wise inits of the key comparison (causal ODE init vs Self Forcing's bidirectional ODE init).
 KEY_INITS = ("causal_ode_framewise", "self_forcing_ode_framewise")
 
@@ -42,8 +45,14 @@ class Step:
 
 class ShapesRecipe:
     def __init__(self, out: str | Path, *, num_clips: int = 6000, workers: int = 2, seeds: int = 3,
-                 train_seeds: int = 3, quick: bool = False):
+                 train_seeds: int = 3, quick: bool = False, configs: str | Path | None = None):
         self.out = Path(out)
+        # The stage settings: configs/shapes (the 2-core CPU budget) unless another preset folder is given, such as
+        # configs/shapes_gpu (bigger batches, wall-clock limits for one GPU); it must hold every file the plan reads.
+        self.configs = Path(configs) if configs else CONFIGS
+        missing = [f for f in STAGE_FILES if not (self.configs / f).is_file()]
+        if missing:
+            raise InputError(f"config folder {self.configs} has no {missing[0]}")
         self.num_clips = num_clips
         self.workers = workers
         self.seeds = seeds              # sampling seeds of the 4-step DMD students
@@ -83,8 +92,10 @@ class ShapesRecipe:
         from ..data.encode import encode_clips
         from ..models.small_vae import SmallVAE
         from ..models.text import build_text_encoder
-        vae = SmallVAE.from_folder(self.p("vae"))
-        text = build_text_encoder("minilm", text_len=TEXT_LEN)
+        import torch
+        device = "cuda" if torch.cuda.is_available() else "cpu"   # clips go to the VAE's device
+        vae = SmallVAE.from_folder(self.p("vae")).to(device)
+        text = build_text_encoder("minilm", text_len=TEXT_LEN, device=device)
         encode_clips(self.p("data", "train"), vae, self.p("latents"), vae_name="shapes", text_encoder=text,
                      text_encoder_name=f"minilm-{TEXT_LEN}")
 
@@ -96,7 +107,7 @@ class ShapesRecipe:
                 over += ["train.max_steps=2", "train.save_every=1", "train.log_every=1", "ema.start_step=0",
                          "data.batch_size=2"]
             resume = (self.run_dir(name) / "checkpoints" / "latest").exists()
-            run_stage(stage, CONFIGS / config, over, resume=resume)
+            run_stage(stage, self.configs / config, over, resume=resume)
         return go
 
     def _ode(self, name: str, teacher: Path, kind: str, block: int) -> Callable[[], None]:
@@ -109,7 +120,7 @@ class ShapesRecipe:
             if self.quick:
                 over += ["stage.num_samples=4", "stage.steps=8", "stage.keep=[0,2,4,6,-2,-1]" if kind == "causal"
                          else "stage.keep=[0,2,4,6,-1]"]
-            run_stage("ode-data", CONFIGS / "ode_data.yaml", over, resume=Path(f"{out}.partial").exists())
+            run_stage("ode-data", self.configs / "ode_data.yaml", over, resume=Path(f"{out}.partial").exists())
             Path(f"{out}.partial").rename(out)
         return go
 
@@ -332,7 +343,8 @@ class ShapesRecipe:
         env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
         args = [sys.executable, "-m", "causal_forcing", "recipe", "shapes", "--out", str(self.out),
                 "--num-clips", str(self.num_clips), "--workers", str(self.workers), "--seeds", str(self.seeds),
-                "--train-seeds", str(self.train_seeds), *(["--quick"] if self.quick else [])]
+                "--train-seeds", str(self.train_seeds), "--configs", str(self.configs),
+                *(["--quick"] if self.quick else [])]
 
         def launch(step: Step) -> subprocess.Popen:
             logs = self.p("logs")

@@ -382,6 +382,13 @@ class Trainer:
         if self._scaler is not None and "scaler" in state:
             self._scaler.load_state_dict(state["scaler"])
 
+    def _out_of_time(self, elapsed: float, limit: float) -> bool:
+        """Whether the time limit is reached; every rank follows rank 0's clock so they stop at the same step."""
+        flag = torch.tensor([1.0 if elapsed >= limit else 0.0], device=self.device)
+        if dist.is_initialized():
+            dist.broadcast(flag, src=0)
+        return bool(flag.item())
+
     def _barrier(self) -> None:
         if dist.is_initialized():
             dist.barrier()
@@ -434,7 +441,15 @@ class Trainer:
         # Each logged line holds the mean of every metric over the steps since the previous line, so metrics that
         # only some steps produce (DMD's generator loss, one step in update_ratio) are logged whatever the phase.
         window: dict[str, list[float]] = {}
+        started = time.perf_counter()
         while self.step < cfg.max_steps:
+            if cfg.time_limit > 0 and self._out_of_time(time.perf_counter() - started, cfg.time_limit):
+                if self.dist.is_main:
+                    print(f"train.time_limit ({cfg.time_limit:g} s) reached at step {self.step}; exporting")
+                if window:
+                    log.write(self.step, {k: math.fsum(v) / len(v) for k, v in window.items()})
+                self.save_checkpoint()
+                break
             t0 = time.perf_counter()
             metrics = self.stage.step(self)
             self.step += 1
