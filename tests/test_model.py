@@ -222,6 +222,11 @@ def test_attention_backends_agree_with_dense_mask(layout):
     except ImportError:
         pytest.skip("FlexAttention not available")
     assert (attention(q, k, v, plan, "flex") - ref).abs().max() < 1e-5
+    # the block mask is built once per plan: an equal plan built again reuses it, and stays correct
+    from causal_forcing.models.attention import plan_block_mask
+    again = build_plan(layout, frames, S)
+    assert plan_block_mask(again, q.device) is plan_block_mask(plan, q.device)
+    assert (attention(q, k, v, again, "flex") - ref).abs().max() < 1e-5
 
 
 def test_teacher_forcing_mask_matches_spec():

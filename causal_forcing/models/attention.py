@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Literal, Union
+from typing import Any, Literal, Union
 
 import torch
 import torch.nn.functional as F
@@ -208,14 +209,15 @@ def _flex_fn(device: torch.device):
 def plan_mask_mod(plan: AttentionPlan, device: torch.device):
     """A FlexAttention mask_mod equivalent to ``plan`` (at most two key ranges per query run)."""
     L = plan.length
-    seg_of = torch.zeros(L, dtype=torch.long, device=device)
-    ranges = torch.zeros(len(plan.segments), 2, 2, dtype=torch.long, device=device)
+    seg_of = torch.zeros(L, dtype=torch.long)
+    ranges = torch.zeros(len(plan.segments), 2, 2, dtype=torch.long)
     for i, s in enumerate(plan.segments):
         if len(s.keys) > 2:
             raise ValueError("flex backend supports at most two key ranges per segment")
         seg_of[s.q0:s.q1] = i
         for j, (k0, k1) in enumerate(s.keys):
             ranges[i, j, 0], ranges[i, j, 1] = k0, k1
+    seg_of, ranges = seg_of.to(device), ranges.to(device)   # built on the CPU, copied once
 
     def mask_mod(b, h, q_idx, kv_idx):
         r = ranges[seg_of[q_idx]]
@@ -226,16 +228,34 @@ def plan_mask_mod(plan: AttentionPlan, device: torch.device):
     return mask_mod
 
 
-def _flex(q: Tensor, k: Tensor, v: Tensor, plan: AttentionPlan | None) -> Tensor:
-    from torch.nn.attention.flex_attention import create_block_mask
+_BLOCK_MASKS: "OrderedDict[tuple[AttentionPlan, str], Any]" = OrderedDict()
+_BLOCK_MASK_CACHE_SIZE = 16
 
+
+def plan_block_mask(plan: AttentionPlan, device: torch.device) -> Any:
+    """The FlexAttention BlockMask of ``plan`` on ``device``, built once per (plan, device) and reused: every layer
+    of every forward with the same layout shares it (building it costs far more than the attention itself)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    key = (plan, str(device))
+    mask = _BLOCK_MASKS.get(key)
+    if mask is None:
+        mask = create_block_mask(plan_mask_mod(plan, device), None, None, plan.length, plan.length, device=device)
+        _BLOCK_MASKS[key] = mask
+        while len(_BLOCK_MASKS) > _BLOCK_MASK_CACHE_SIZE:
+            _BLOCK_MASKS.popitem(last=False)
+    else:
+        _BLOCK_MASKS.move_to_end(key)
+    return mask
+
+
+def _flex(q: Tensor, k: Tensor, v: Tensor, plan: AttentionPlan | None) -> Tensor:
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
     block_mask = None
     if plan is not None:
         if plan.length != Lq or Lq != Lk:
             raise ValueError("plan length does not match the query/key length")
-        block_mask = create_block_mask(plan_mask_mod(plan, q.device), None, None, Lq, Lk, device=q.device)
+        block_mask = plan_block_mask(plan, q.device)
     out = _flex_fn(q.device)(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask,
                              scale=1.0 / math.sqrt(D))
     return out.transpose(1, 2)

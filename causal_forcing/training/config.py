@@ -72,7 +72,7 @@ class TrainSection:
     init_ema: bool = False         # take the EMA weights of ``init`` when it has them
     max_steps: int = 1000
     time_limit: float = 0.0        # > 0: also stop after this many seconds of steps in this process (then save
-                                   # and export as at max_steps; a later --resume with a new limit goes on)
+                                   # and export as at max_steps); counted from each start, so --resume goes on
     seed: int = 0
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"   # autocast dtype; master weights stay fp32
     grad_checkpointing: bool = False

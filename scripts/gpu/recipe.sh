@@ -9,6 +9,7 @@
 set -uo pipefail
 W=$1; O=$2; CFG=${3:-causal_forcing/configs/shapes_gpu}; N=${4:-6000}
 export PYTHONUNBUFFERED=1
+if [ -d .device/whl ]; then python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/cf_site .device/whl/*.whl || exit 1; fi
 python3 scripts/gpu/minilm_transport.py unpack .device/minilm.pt /tmp/cf_site || exit 1
 export PYTHONPATH=/tmp/cf_site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu')"
