@@ -10,7 +10,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     recipes.required = True
     s = recipes.add_parser("shapes", help="ShapesWorld: data, VAE, teachers, inits, DMD, evaluation")
     s.add_argument("--out", required=True, help="work folder (created; steps whose output exists are skipped)")
-    s.add_argument("--only", nargs="*", default=None, metavar="STEP", help="run only these steps")
+    s.add_argument("--only", nargs="*", default=None, metavar="STEP",
+                   help="run only these steps (in the plan's order, whatever order they are given in)")
     s.add_argument("--until", default=None, metavar="STEP", help="stop after this step")
     s.add_argument("--num-clips", type=int, default=6000)
     s.add_argument("--workers", type=int, default=2)

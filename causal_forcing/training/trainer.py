@@ -384,9 +384,10 @@ class Trainer:
 
     def _out_of_time(self, elapsed: float, limit: float) -> bool:
         """Whether the time limit is reached; every rank follows rank 0's clock so they stop at the same step."""
+        if not dist.is_initialized():
+            return elapsed >= limit
         flag = torch.tensor([1.0 if elapsed >= limit else 0.0], device=self.device)
-        if dist.is_initialized():
-            dist.broadcast(flag, src=0)
+        dist.broadcast(flag, src=0)
         return bool(flag.item())
 
     def _barrier(self) -> None:
