@@ -77,7 +77,7 @@ FORMAT = "causal-forcing-pipeline"
 FORMAT_VERSION = 1
 
 #: Bundled models: name → folder under ``causal_forcing/assets/`` (a pipeline folder shipped as package data).
-BUNDLED: dict[str, str] = {"shapes-framewise": "shapes_framewise"}
+BUNDLED: dict[str, str] = {"shapes-framewise": "shapes_framewise", "shapes-chunkwise": "shapes_chunkwise"}
 #: The model used when none is named.
 DEFAULT_MODEL = "shapes-framewise"
 
