@@ -48,6 +48,10 @@ def _semantic(pipe, captions):
                           for s, c in enumerate(captions)]))
 
 
+#: Canonical captions of 12 training-distribution clips.
+CAPTIONS = [shapes.sample_clip(10_000 + i).caption for i in range(12)]
+
+
 def _untrained(name=None):
     """The bundled network with its weights re-initialised (the head too, which init_weights zeroes)."""
     pipe = load_pipeline(name)
@@ -64,9 +68,8 @@ def test_default_model_follows_captions(default_pipe):
     (0.53 measured on these 12 at shipping, 0.20 untrained; 0.49 on the 180 in-distribution prompts of the
     standard set) is well
     above the same network with its weights re-initialised."""
-    captions = [shapes.sample_clip(10_000 + i).caption for i in range(12)]
-    trained = _semantic(default_pipe, captions)
-    baseline = _semantic(_untrained(), captions)
+    trained = _semantic(default_pipe, CAPTIONS)
+    baseline = _semantic(_untrained(), CAPTIONS)
     assert trained >= 0.35 and trained >= baseline + 0.15, (trained, baseline)
 
 
@@ -82,9 +85,8 @@ def test_chunkwise_pipeline_shape(chunkwise_pipe):
 
 def test_chunkwise_model_follows_captions(chunkwise_pipe):
     """The bundled chunk-wise model against the same network re-initialised, on the 12 captions above."""
-    captions = [shapes.sample_clip(10_000 + i).caption for i in range(12)]
-    trained = _semantic(chunkwise_pipe, captions)
-    baseline = _semantic(_untrained("shapes-chunkwise"), captions)
+    trained = _semantic(chunkwise_pipe, CAPTIONS)
+    baseline = _semantic(_untrained("shapes-chunkwise"), CAPTIONS)
     assert trained >= 0.3 and trained >= baseline + 0.15, (trained, baseline)
 
 
