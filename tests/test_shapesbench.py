@@ -313,7 +313,10 @@ def test_cli_eval_model_scores_a_checkpoint(tmp_path, capsys):
         assert summary["kind"] == kind and summary["in_distribution"] == saved["in_distribution"]
         assert saved["all"]["n"] == 2 and sorted(os.listdir(out)) == ["eval_000.mp4", "eval_001.mp4", "scores.json"]
         assert 0.0 <= summary["in_distribution"]["total"] <= 1.0
-    for bad in (["--weights", str(tmp_path / "missing")], ["--limit", "0"], ["--block-size", "0"]):
+    bads = [["--weights", str(tmp_path / "missing")], ["--limit", "0"], ["--block-size", "0"], ["--device", "gpu0"]]
+    if not torch.cuda.is_available():
+        bads.append(["--device", "cuda"])
+    for bad in bads:
         argv = ["eval", "model", "--weights", str(tmp_path / "dit"), "--kind", "causal", "--manifest", str(manifest),
                 "--vae", str(tmp_path / "vae"), *bad]
         assert main(argv) == 2

@@ -53,6 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     m.add_argument("--batch-size", type=int, default=25, help="prompts generated together (default 25)")
     m.add_argument("--out", default=None, metavar="DIR", help="write scores.json and the first clips as MP4 here")
     m.add_argument("--save-videos", type=int, default=8, metavar="N", help="clips written to --out (default 8)")
+    m.add_argument("--device", default="cpu", help="where to generate: cpu (default), cuda, cuda:N")
     m.set_defaults(func=run_model)
 
 
@@ -109,9 +110,16 @@ def run_model(args: argparse.Namespace) -> int:
                              ("--limit", 1 if args.limit is None else args.limit, 1)):
         if value < low:
             raise InputError(f"{name} must be >= {low}, got {value}")
-    model = load_model_folder(args.weights)
-    vae = load_vae(args.vae)
-    text = build_text_encoder("minilm", text_len=model.config.text_len)
+    import torch
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise InputError(f"--device: not a device: {args.device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device is available")
+    model = load_model_folder(args.weights).to(device)
+    vae = load_vae(args.vae, device=device)
+    text = build_text_encoder("minilm", text_len=model.config.text_len, device=str(device))
     every, first = RELEASED_STEPS[args.steps]
     settings = EvalSettings(kind=args.kind, block_size=args.block_size, steps=every, first_block_steps=first,
                             teacher_steps=args.teacher_steps, guidance=args.guidance, seed=args.seed,

@@ -1,0 +1,92 @@
+"""The CUDA-graph trainer (`causal_forcing.training.graphed`), on the CPU where its step runs eagerly: it
+optimises the stages' flow objective, exports the trainer's model folders, and rejects bad input."""
+import json
+import math
+
+import pytest
+import torch
+
+from causal_forcing.checkpoints import load_dit_weights, load_into
+from causal_forcing.data.latents import write_dataset
+from causal_forcing.models.attention import Bidirectional, TeacherForcing
+from causal_forcing.models.wan import WanDiT
+from causal_forcing.training.graphed import GraphedTrainer, Settings, main
+
+CPU = torch.device("cpu")
+
+
+def _one_clip_dataset(folder, frames=4):
+    g = torch.Generator().manual_seed(0)
+    clip, ctx = torch.randn(frames, 16, 8, 8, generator=g), torch.randn(8, 32, generator=g)
+    write_dataset(folder, ((clip, {"id": str(i)}, ctx) for i in range(4)), shard_size=3)
+    return clip, ctx
+
+
+def _flow_error(folder, clip, ctx, block_size):
+    """MSE of the model's flow at a fixed (noise, t = 500) against the target ε − x0, and the MSE of the
+    untrained model (its head is zero-initialised, so it predicts 0)."""
+    state, cfg = load_dit_weights(folder)
+    model = WanDiT(cfg).eval()
+    load_into(model, state)
+    g = torch.Generator().manual_seed(1)
+    x0 = clip[None]
+    eps = torch.randn(x0.shape, generator=g)
+    t = torch.full((1, x0.shape[1]), 500.0)
+    xt = 0.5 * x0 + 0.5 * eps
+    kw = {"layout": TeacherForcing(block_size), "clean_x": x0} if block_size else {"layout": Bidirectional()}
+    with torch.no_grad():
+        flow = model(xt, t, ctx[None], **kw)
+    return (flow - (eps - x0)).pow(2).mean().item(), (eps - x0).pow(2).mean().item()
+
+
+@pytest.mark.parametrize("block_size", [0, 1])
+def test_learns_one_clip_and_exports_model_folders(tmp_path, block_size):
+    clip, ctx = _one_clip_dataset(tmp_path / "data")
+    s = Settings(data=str(tmp_path / "data"), out=str(tmp_path / "run"), max_steps=120, preset="tiny", batch=2,
+                 lr=3e-3, min_lr=3e-3, warmup=10, ema=0.5, ema_start=60, shift=1.0, cond_dropout=0.0,
+                 block_size=block_size, log_every=40)
+    torch.manual_seed(0)
+    summary = GraphedTrainer(s, CPU).run(log=lambda *_: None)
+    assert summary["steps"] == 120 and summary["mode"] == "eager" and summary["ema"]
+    run = tmp_path / "run"
+    trained, untrained = _flow_error(run / "final", clip, ctx, block_size)
+    assert trained < 0.8 * untrained
+    raw, _ = load_dit_weights(run / "final")
+    ema, cfg = load_dit_weights(run / "final_ema")
+    assert cfg.dim == 64 and raw.keys() == ema.keys()
+    assert any(not torch.equal(raw[k], ema[k]) for k in raw)          # the EMA is its own average
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [40, 80, 120]
+    assert rows[-1]["loss"] < rows[0]["loss"]
+
+
+def test_learning_rate_warms_up_then_follows_the_cosine(tmp_path):
+    _one_clip_dataset(tmp_path / "data")
+    s = Settings(data=str(tmp_path / "data"), out=str(tmp_path / "run"), max_steps=10, preset="tiny",
+                 lr=1e-3, min_lr=1e-4, warmup=4)
+    tr = GraphedTrainer(s, CPU)
+    assert tr.lr_at(0, 0.0) == pytest.approx(2.5e-4) and tr.lr_at(3, 0.0) == pytest.approx(1e-3)
+    assert tr.lr_at(10, 0.5) == pytest.approx(1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi / 2)))
+    assert tr.lr_at(10, 1.0) == pytest.approx(1e-4) and tr.lr_at(10, 2.0) == pytest.approx(1e-4)
+    tr.set_lr(5e-4)
+    assert all(g["lr"] == 5e-4 for g in tr.opt.param_groups)
+
+
+def test_frames_keeps_the_first_latent_frames(tmp_path):
+    clip, _ = _one_clip_dataset(tmp_path / "data", frames=5)
+    s = Settings(data=str(tmp_path / "data"), out=str(tmp_path / "run"), max_steps=1, preset="tiny", frames=3)
+    tr = GraphedTrainer(s, CPU)
+    assert tr.latents.shape == (4, 3, 16, 8, 8)
+    assert torch.equal(tr.latents[0], clip[:3].to(tr.latents.dtype))   # stored in fp16
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--out", "OUT", "--seconds", "10"], "not a latent dataset"),
+    (["--out", "OUT"], "--seconds or --max-steps"),
+    (["--out", "OUT", "--max-steps", "5", "--min-lr", "1"], "min-lr"),
+])
+def test_bad_input_is_a_one_line_error(tmp_path, capsys, argv, message):
+    argv = ["--data", str(tmp_path / "nothing")] + [str(tmp_path / a) if a == "OUT" else a for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and not (tmp_path / "OUT").exists()
