@@ -90,3 +90,28 @@ def test_bad_input_is_a_one_line_error(tmp_path, capsys, argv, message):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and not (tmp_path / "OUT").exists()
+
+
+def test_resume_continues_exactly(tmp_path):
+    """6 steps, then --resume to 10, give the weights of 10 steps in one go (eager CPU path: exact)."""
+    _one_clip_dataset(tmp_path / "data")
+
+    def run(out, steps, resume=False):
+        s = Settings(data=str(tmp_path / "data"), out=str(out), max_steps=steps, preset="tiny", batch=2, lr=1e-3,
+                     min_lr=1e-3, warmup=2, ema=0.9, ema_start=3, log_every=2, resume=resume)
+        torch.manual_seed(0)
+        return GraphedTrainer(s, CPU).run(log=lambda *_: None)
+
+    run(tmp_path / "straight", 10)
+    run(tmp_path / "split", 6)
+    assert run(tmp_path / "split", 10, resume=True)["steps"] == 10
+    for folder in ("final", "final_ema"):
+        a, _ = load_dit_weights(tmp_path / "straight" / folder)
+        b, _ = load_dit_weights(tmp_path / "split" / folder)
+        assert all(torch.equal(a[k], b[k]) for k in a), folder
+    rows = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 6, 8, 10]
+    with pytest.raises(Exception, match="batch"):
+        s = Settings(data=str(tmp_path / "data"), out=str(tmp_path / "split"), max_steps=12, preset="tiny",
+                     batch=3, resume=True)
+        GraphedTrainer(s, CPU).run(log=lambda *_: None)

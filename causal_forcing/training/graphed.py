@@ -12,11 +12,13 @@ forcing, ``--block-size N``: noisy blocks attend to the clean previous blocks), 
 MSE, classifier-free-guidance dropout to zero context. It runs for a wall-clock budget (``--seconds``) and/or a
 step count, with a linear warm-up and a cosine decay of the learning rate over that budget, and writes the
 trainer's run layout: ``final/`` and ``final_ema/`` model folders (config.json + model.safetensors),
-``metrics.jsonl`` and ``settings.json``. It is meant for short runs (minutes) and keeps no resumable
-checkpoints: an interrupted run is started again.
+``metrics.jsonl`` and ``settings.json``. Every ``--save-every`` seconds it writes ``checkpoint.pt`` (weights, EMA,
+optimiser, step, elapsed time, random state; atomically), and ``--resume`` continues from it: on a CPU exactly; on a
+GPU after the few eager steps that precede the graph capture, which are then counted as training steps.
 
     python -m causal_forcing.training.graphed --data LATENTS --out RUN --seconds 300 [--frames 9]
         [--block-size 0] [--init MODEL_FOLDER] [--batch 64] [--lr 1e-3] [--min-lr 1e-4] [--ema-start 2000]
+        [--save-every 300] [--resume]
 """
 from __future__ import annotations
 
@@ -32,13 +34,15 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from ..checkpoints import load_dit_weights, load_into, save_model_folder
+from ..checkpoints import atomic_path, load_dit_weights, load_into, save_model_folder
 from ..config import model_preset
 from ..data.latents import LatentDataset, _shards
 from ..errors import InputError
 from ..models.attention import Bidirectional, TeacherForcing
 from ..models.wan import WanDiT
 from ..schedulers.flow import add_noise, training_grid
+
+CHECKPOINT = "checkpoint.pt"
 
 
 @dataclass
@@ -64,6 +68,8 @@ class Settings:
     cond_dropout: float = 0.1
     seed: int = 0
     log_every: int = 200
+    save_every: float = 300.0      # seconds between checkpoints (0: only at the end)
+    resume: bool = False           # continue from OUT/checkpoint.pt when it exists
     graph: bool = True             # capture the step as a CUDA graph (CUDA only)
     device: str = "auto"
 
@@ -210,17 +216,21 @@ class GraphedTrainer:
         out = Path(s.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "settings.json").write_text(json.dumps(asdict(s), indent=1))
-        metrics = open(out / "metrics.jsonl", "w")
+        step, done_seconds = 0, 0.0
+        if s.resume and (out / CHECKPOINT).exists():
+            step, done_seconds = self.load_checkpoint(out / CHECKPOINT)
+            log(f"graphed: resumed at step {step} ({done_seconds:.0f} s done)")
+        metrics = open(out / "metrics.jsonl", "a" if step else "w")
         log(f"graphed: {self.latents.shape[0]} clips {list(self.latents.shape[1:])}, batch {s.batch}, "
             f"{'teacher forcing, block ' + str(s.block_size) if s.block_size else 'bidirectional'}, "
             f"device {self.device}")
-        t0 = time.perf_counter()
-        step, mode = 0, "eager"
+        t0 = time.perf_counter() - done_seconds
+        mode = "eager"
         if self.use_graph:
             try:
-                self.set_lr(self.lr_at(0, 0.0))
+                self.set_lr(self.lr_at(step, done_seconds / s.seconds if s.seconds > 0 else 0.0))
                 self.capture()
-                step, mode = 3, "graph"
+                step, mode = step + 3, "graph"
             except Exception as e:  # noqa: BLE001 - a capture failure costs speed, not the run
                 log(f"graphed: CUDA graph capture failed, training eagerly ({type(e).__name__}: {e})")
                 self.graph = None
@@ -228,6 +238,7 @@ class GraphedTrainer:
         self.loss_sum.zero_()
         self.gnorm_sum.zero_()
         last_t, last_step = time.perf_counter(), step
+        last_save = last_t
         while True:
             elapsed = time.perf_counter() - t0
             if (s.seconds > 0 and elapsed >= s.seconds) or (s.max_steps > 0 and step >= s.max_steps):
@@ -253,15 +264,51 @@ class GraphedTrainer:
                 self.loss_sum.zero_()
                 self.gnorm_sum.zero_()
                 last_t, last_step = now, step
+            if s.save_every > 0 and time.perf_counter() - last_save >= s.save_every:
+                self.save_checkpoint(out / CHECKPOINT, step, time.perf_counter() - t0)
+                last_save = time.perf_counter()
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         metrics.close()
         seconds = time.perf_counter() - t0
+        self.save_checkpoint(out / CHECKPOINT, step, seconds)
         self._export(out)
         summary = {"steps": step, "seconds": round(seconds, 1), "mode": mode, "ema": self.ema is not None}
         (out / "summary.json").write_text(json.dumps(summary))
         log(f"graphed: done {json.dumps(summary)}")
         return summary
+
+    # ---- checkpoints ---------------------------------------------------------------------------------
+    def save_checkpoint(self, path: Path, step: int, seconds: float) -> None:
+        state = {
+            "step": step, "seconds": seconds, "settings": asdict(self.s),
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "ema": [e.cpu() for e in self.ema] if self.ema is not None else None,
+            "optimizer": self.opt.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+        }
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
+
+    def load_checkpoint(self, path: Path) -> tuple[int, float]:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        keep = ("data", "frames", "block_size", "batch", "preset")
+        old = state["settings"]
+        changed = [k for k in keep if old.get(k) != getattr(self.s, k)]
+        if changed:
+            raise InputError(f"{path}: written with other {changed[0]!r} ({old.get(changed[0])!r}); "
+                             "resume with the same settings or use another --out")
+        self.model.load_state_dict(state["model"])
+        if state["ema"] is not None:
+            self.ema = [e.to(self.device) for e in state["ema"]]
+        self.opt.load_state_dict(state["optimizer"])
+        for g in self.opt.param_groups:   # the optimiser must keep reading our (capturable) learning-rate tensor
+            g["lr"] = self.lr
+        torch.set_rng_state(state["rng_cpu"])
+        if state["rng_cuda"] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng_cuda"], self.device)
+        return int(state["step"]), float(state["seconds"])
 
     def _export(self, out: Path) -> None:
         config = self.model.config
@@ -284,12 +331,14 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     d = Settings(data="", out="")
     p.add_argument("--data", required=True, help="latent dataset folder (with stored text embeddings)")
     p.add_argument("--out", required=True, help="run folder to write")
-    for name in ("seconds", "lr", "min_lr", "weight_decay", "grad_clip", "ema", "shift", "cond_dropout"):
+    for name in ("seconds", "lr", "min_lr", "weight_decay", "grad_clip", "ema", "shift", "cond_dropout",
+                 "save_every"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
     for name in ("max_steps", "frames", "block_size", "batch", "warmup", "ema_start", "seed", "log_every"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     p.add_argument("--init", default=None, help="model folder to start from")
     p.add_argument("--preset", default=d.preset)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt when it exists")
     p.add_argument("--no-graph", dest="graph", action="store_false", help="train eagerly on CUDA too")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     a = p.parse_args(argv)
