@@ -8,9 +8,12 @@
 # `python scripts/gpu/minilm_transport.py pack .device/minilm.pt TRAIN_MANIFEST EVAL_MANIFEST` (MiniLM is not
 # installed there) and diffusers' wheel in .device/whl. The later stages (causal CD / ODE inits, DMD) continue on the CPU with `recipe shapes`.
 #
-#   scripts/gpu/teachers.sh WORK_DIR OUT_DIR [BUDGET_SECONDS]
+#   scripts/gpu/teachers.sh WORK_DIR OUT_DIR [BUDGET_SECONDS [INIT_MODEL_FOLDER]]
+#
+# INIT_MODEL_FOLDER (e.g. artifacts/shapes_recipe_gpu/runs/bidirectional/final_ema) continues an earlier teacher
+# instead of training the short-clip part from scratch.
 set -uo pipefail
-W=$1; O=$2; BUDGET=${3:-500}
+W=$1; O=$2; BUDGET=${3:-500}; INIT=${4:-}
 T0=$(date +%s)
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
@@ -31,7 +34,7 @@ EV="python3 -m causal_forcing eval model --manifest $W/data/eval/manifest.jsonl 
 
 S1=$(( $(left) - 210 )); [ "$S1" -lt 60 ] && S1=60
 $G --out "$W/runs/bidirectional_short" --frames 9 --batch 64 --lr 1e-3 --min-lr 1e-4 --warmup 200 \
-   --ema-start 2000 --seconds "$S1" || exit 1
+   --ema-start 2000 --seconds "$S1" ${INIT:+--init "$INIT"} || exit 1
 pack bidirectional_short
 $G --out "$W/runs/bidirectional" --init "$W/runs/bidirectional_short/final_ema" --batch 32 --lr 5e-4 --min-lr 5e-5 \
    --warmup 100 --ema-start 0 --seconds 60 || exit 1
