@@ -115,3 +115,45 @@ def test_resume_continues_exactly(tmp_path):
         s = Settings(data=str(tmp_path / "data"), out=str(tmp_path / "split"), max_steps=12, preset="tiny",
                      batch=3, resume=True)
         GraphedTrainer(s, CPU).run(log=lambda *_: None)
+
+
+def test_settings_follow_the_stage_config():
+    from causal_forcing.errors import InputError as Err
+    from causal_forcing.training import load_stage_config
+    from causal_forcing.training.graphed import settings_from_stage_config
+    from causal_forcing.recipes.shapes import CONFIGS
+    cfg = load_stage_config("bidirectional", CONFIGS / "bidirectional_short.yaml",
+                            ["data.path=LAT", "train.out_dir=RUN", "train.time_limit=30"])
+    s = settings_from_stage_config("bidirectional", cfg)
+    assert (s.data, s.out, s.frames, s.block_size, s.batch, s.lr, s.min_lr) == ("LAT", "RUN", 9, 0, 8, 1e-3, 1e-3)
+    assert (s.seconds, s.max_steps, s.ema, s.ema_start, s.shift, s.cond_dropout) == (30, 20000, 0.999, 2000, 3.0, 0.1)
+    cfg = load_stage_config("ar-diffusion", CONFIGS.parent / "shapes_gpu" / "ar_diffusion.yaml",
+                            ["stage.block_size=3", "train.init=TEACHER", "optim.schedule=cosine",
+                             "optim.min_lr_ratio=0.1"])
+    s = settings_from_stage_config("ar-diffusion", cfg)
+    assert (s.block_size, s.init, s.batch, s.min_lr) == (3, "TEACHER", cfg.data.batch_size, pytest.approx(3e-5))
+    for stage, over, what in (("ar-diffusion", ["stage.loss_weighting=bsmntw"], "loss_weighting"),
+                              ("ar-diffusion", ["stage.context_noise_max_t=100"], "context_noise"),
+                              ("bidirectional", ["optim.schedule=linear"], "linear")):
+        cfg = load_stage_config(stage, CONFIGS / "ar_diffusion.yaml", over)
+        with pytest.raises(Err, match=what):
+            settings_from_stage_config(stage, cfg)
+
+
+def test_recipe_trains_the_teachers_with_the_graphed_trainer(tmp_path):
+    """`recipe shapes --graphed-teachers`: the teacher steps write the graphed trainer's run, with the settings of
+    the stage configs (here --quick's: 2 steps of batch 2)."""
+    from causal_forcing.recipes.shapes import ShapesRecipe
+    g = torch.Generator().manual_seed(0)
+    write_dataset(tmp_path / "latents", ((torch.randn(10, 16, 8, 8, generator=g), {"id": str(i)},
+                                          torch.randn(32, 384, generator=g)) for i in range(3)))
+    (tmp_path / "latents" / ".complete").touch()
+    recipe = ShapesRecipe(tmp_path, quick=True, graphed_teachers=True)
+    recipe.run(["bidirectional-short", "bidirectional", "ar-framewise"], log=lambda *_: None)
+    for run, frames, block in (("bidirectional_short", 9, 0), ("bidirectional", 0, 0), ("ar_framewise", 0, 1)):
+        settings = json.loads((tmp_path / "runs" / run / "settings.json").read_text())
+        assert (settings["frames"], settings["block_size"], settings["batch"]) == (frames, block, 2), run
+        assert json.loads((tmp_path / "runs" / run / "summary.json").read_text())["steps"] == 2
+        assert (tmp_path / "runs" / run / "final_ema" / "model.safetensors").exists()
+    ar = json.loads((tmp_path / "runs" / "ar_framewise" / "settings.json").read_text())
+    assert ar["init"] == str(tmp_path / "runs" / "bidirectional" / "final_ema")

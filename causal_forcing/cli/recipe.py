@@ -26,6 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--configs", default=None, metavar="DIR",
                    help="folder of stage configs (default: the package's configs/shapes, sized for 2 CPU cores; "
                         "configs/shapes_gpu sizes the stages for one GPU)")
+    s.add_argument("--graphed-teachers", action="store_true",
+                   help="train the teachers (bidirectional, AR) with the CUDA-graph trainer, for one GPU "
+                        "(python -m causal_forcing.training.graphed; use with --configs configs/shapes_gpu)")
     s.add_argument("--list", action="store_true", help="list the steps and whether they are done")
     s.set_defaults(func=run)
 
@@ -37,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--num-clips, --workers, --seeds, --train-seeds and --jobs must be >= 1")
     recipe = ShapesRecipe(args.out, num_clips=args.num_clips, workers=args.workers, seeds=args.seeds,
                           train_seeds=args.train_seeds, quick=args.quick,
-                          configs=args.configs)
+                          configs=args.configs, graphed_teachers=args.graphed_teachers)
     if args.list:
         for step in recipe.steps:
             print(f"{'done' if step.output.exists() else '    '}  {step.name:<34} {step.output}")

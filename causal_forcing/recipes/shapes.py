@@ -45,7 +45,8 @@ class Step:
 
 class ShapesRecipe:
     def __init__(self, out: str | Path, *, num_clips: int = 6000, workers: int = 2, seeds: int = 3,
-                 train_seeds: int = 3, quick: bool = False, configs: str | Path | None = None):
+                 train_seeds: int = 3, quick: bool = False, configs: str | Path | None = None,
+                 graphed_teachers: bool = False):
         self.out = Path(out)
         # The stage settings: configs/shapes (the 2-core CPU budget) unless another preset folder is given, such as
         # configs/shapes_gpu (bigger batches, wall-clock limits for one GPU); it must hold every file the plan reads.
@@ -58,6 +59,8 @@ class ShapesRecipe:
         self.seeds = seeds              # sampling seeds of the 4-step DMD students
         self.train_seeds = train_seeds  # DMD runs (train.seed 0, 1, ...) of the two key-comparison students
         self.quick = quick  # tiny step counts, for tests of the wiring
+        # The teachers (bidirectional, AR by teacher forcing) with the CUDA-graph trainer instead of the trainer.
+        self.graphed_teachers = graphed_teachers
         self.steps = self._build()
 
     # ---- paths --------------------------------------------------------------------------------------
@@ -106,9 +109,24 @@ class ShapesRecipe:
             if self.quick:
                 over += ["train.max_steps=2", "train.save_every=1", "train.log_every=1", "ema.start_step=0",
                          "data.batch_size=2"]
+            if self.graphed_teachers and stage in ("bidirectional", "ar-diffusion"):
+                self._train_graphed(stage, config, over)
+                return
             resume = (self.run_dir(name) / "checkpoints" / "latest").exists()
             run_stage(stage, self.configs / config, over, resume=resume)
         return go
+
+    def _train_graphed(self, stage: str, config: str, overrides: list[str]) -> None:
+        """A teacher step with ``training.graphed`` (one step = one CUDA-graph replay), settings from its config."""
+        import torch
+
+        from ..training import load_stage_config
+        from ..training.graphed import GraphedTrainer, settings_from_stage_config
+        s = settings_from_stage_config(stage, load_stage_config(stage, self.configs / config, overrides))
+        s.resume = True
+        dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if s.device == "auto" else s.device)
+        torch.manual_seed(s.seed)
+        GraphedTrainer(s, dev).run()
 
     def _ode(self, name: str, teacher: Path, kind: str, block: int) -> Callable[[], None]:
         def go() -> None:
@@ -344,7 +362,7 @@ class ShapesRecipe:
         args = [sys.executable, "-m", "causal_forcing", "recipe", "shapes", "--out", str(self.out),
                 "--num-clips", str(self.num_clips), "--workers", str(self.workers), "--seeds", str(self.seeds),
                 "--train-seeds", str(self.train_seeds), "--configs", str(self.configs),
-                *(["--quick"] if self.quick else [])]
+                *(["--quick"] if self.quick else []), *(["--graphed-teachers"] if self.graphed_teachers else [])]
 
         def launch(step: Step) -> subprocess.Popen:
             logs = self.p("logs")

@@ -80,8 +80,34 @@ class Settings:
             raise InputError("--batch must be >= 1, --block-size and --frames >= 0")
         if not 0 <= self.cond_dropout < 1:
             raise InputError("--cond-dropout must be in [0, 1)")
-        if not 0 < self.min_lr <= self.lr:
-            raise InputError("need 0 < --min-lr <= --lr")
+        if not 0 <= self.min_lr <= self.lr:
+            raise InputError("need 0 <= --min-lr <= --lr")
+
+
+def settings_from_stage_config(stage: str, cfg) -> Settings:
+    """Graphed-trainer settings equal to a ``bidirectional`` / ``ar-diffusion`` stage config (the recipe's
+    ``--graphed-teachers``): same data, init, batch, optimiser, EMA, timestep shift and CFG dropout; the run stops
+    at ``train.time_limit`` seconds or ``train.max_steps``, whichever comes first. What this trainer does not do
+    (loss weighting, context noise, a linear or delayed decay, a non-dataset text encoder) is an error."""
+    s, o, t, d = cfg.stage, cfg.optim, cfg.train, cfg.data
+    if stage not in ("bidirectional", "ar-diffusion"):
+        raise InputError(f"the graphed trainer runs the bidirectional and ar-diffusion stages, not {stage!r}")
+    unsupported = [(s.loss_weighting != "none", f"stage.loss_weighting={s.loss_weighting}"),
+                   (s.context_noise_max_t > 0, "stage.context_noise_max_t > 0"),
+                   (o.schedule == "linear" or o.decay_start > 0, "a linear or delayed learning-rate decay"),
+                   (d.text_encoder != "dataset", f"data.text_encoder={d.text_encoder}"),
+                   (t.distributed != "none", f"train.distributed={t.distributed}"),
+                   (bool(cfg.model.overrides), "model.overrides (use a preset)")]
+    bad = [what for cond, what in unsupported if cond]
+    if bad:
+        raise InputError(f"the graphed trainer does not support {bad[0]}")
+    return Settings(data=d.path, out=t.out_dir, seconds=t.time_limit, max_steps=t.max_steps, frames=d.max_frames,
+                    block_size=s.block_size if stage == "ar-diffusion" else 0, init=t.init or None,
+                    preset=cfg.model.preset, batch=d.batch_size, lr=o.lr,
+                    min_lr=o.lr * o.min_lr_ratio if o.schedule == "cosine" else o.lr, warmup=o.warmup_steps,
+                    betas=tuple(o.betas), weight_decay=o.weight_decay, grad_clip=o.grad_clip, ema=cfg.ema.decay,
+                    ema_start=cfg.ema.start_step, shift=s.shift, cond_dropout=s.cond_dropout, seed=t.seed,
+                    log_every=t.log_every, device=t.device)
 
 
 def load_latents(folder: str | Path, frames: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
