@@ -21,8 +21,10 @@ def test_recipe_runs_every_step_and_skips_finished_ones(tmp_path):
     assert (tmp_path / "logs" / "ship.log").exists()
     summary = json.loads((tmp_path / "eval" / "dmd_causal_ode_framewise" / "summary.json").read_text())
     assert len(summary["seeds"]) == 2 and summary["seeds"][0]["all"]["n"] == 4   # the key comparison: --seeds
-    for once in ("causal_ode_framewise", "dmd_causal_ode_framewise_2step", "bidirectional"):
+    for once in ("self_forcing_ode_framewise", "dmd_causal_ode_framewise_2step", "bidirectional"):
         assert len(json.loads((tmp_path / "eval" / once / "summary.json").read_text())["seeds"]) == 1
+    for init in ("causal_ode_framewise", "causal_cd_framewise"):  # candidates for shipping: over --seeds
+        assert len(json.loads((tmp_path / "eval" / init / "summary.json").read_text())["seeds"]) == 2
     from causal_forcing.pipelines.loading import load_pipeline
     shipped = json.loads((tmp_path / "pipelines" / "shipped.json").read_text())
     assert shipped["shapes_chunkwise"]["model"] == "dmd_causal_ode_chunkwise"
@@ -115,3 +117,29 @@ def test_a_step_whose_needs_are_neither_done_nor_selected_is_refused(tmp_path):
     assert not (tmp_path / "runs").exists()
     # ship and report wait for the steps before them only when those run too: alone they use what exists
     assert not recipe.steps[-2].needs and recipe.steps[-2].name == "ship"
+
+
+def test_an_interrupted_evaluation_goes_on_with_the_missing_seeds(tmp_path, monkeypatch):
+    """A seed whose scores.json exists is read back, not generated again; the summary has every seed."""
+    import causal_forcing.eval.models as em
+    import causal_forcing.models.small_vae as sv
+    import causal_forcing.models.text as text
+    calls = []
+
+    def fake_evaluate(model, vae, encoder, manifest, settings, **kw):
+        calls.append(settings.seed)
+        return {"in_distribution": {"total": settings.seed}, "held_out": {}, "all": {}}
+
+    monkeypatch.setattr(em, "evaluate", fake_evaluate)
+    monkeypatch.setattr(em, "load_model_folder", lambda path: None)
+    monkeypatch.setattr(sv.SmallVAE, "from_folder", classmethod(lambda cls, path, **kw: None))
+    monkeypatch.setattr(text, "build_text_encoder", lambda *a, **kw: None)
+    recipe = ShapesRecipe(tmp_path, seeds=3, quick=True)
+    seed0 = tmp_path / "eval" / "dmd_causal_cd_framewise" / "seed0"
+    seed0.mkdir(parents=True)
+    (seed0 / "scores.json").write_text(json.dumps({"in_distribution": {"total": -1}, "held_out": {}, "all": {}}))
+    step = next(s for s in recipe.steps if s.name == "eval-dmd_causal_cd_framewise")
+    step.run()
+    assert calls == [1000, 2000]
+    summary = json.loads(step.output.read_text())
+    assert [r["in_distribution"]["total"] for r in summary["seeds"]] == [-1, 1000, 2000]

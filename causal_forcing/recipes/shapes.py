@@ -32,6 +32,8 @@ STAGE_FILES = ("bidirectional_short.yaml", "bidirectional.yaml", "ar_diffusion.y
                "causal_ode.yaml", "causal_cd.yaml", "dmd.yaml")
 #: The frame-wise inits of the key comparison (causal ODE init vs Self Forcing's bidirectional ODE init).
 KEY_INITS = ("causal_ode_framewise", "self_forcing_ode_framewise")
+#: The frame-wise causal inits: each one and its DMD student are candidates for the bundled frame-wise model.
+SHIP_INITS = ("causal_ode_framewise", "causal_cd_framewise")
 
 
 @dataclass
@@ -158,6 +160,10 @@ class ShapesRecipe:
             out = self.p("eval", name)
             reports = []
             for seed in range(seeds if kind == "causal" else 1):
+                done = out / f"seed{seed}" / "scores.json"
+                if done.exists():   # an interrupted evaluation goes on with the seeds it has not done
+                    reports.append(json.loads(done.read_text()))
+                    continue
                 every, first = RELEASED_STEPS[steps or 4]
                 settings = EvalSettings(kind=kind, block_size=block, seed=1000 * seed,  # type: ignore[arg-type]
                                         steps=every, first_block_steps=first, teacher_steps=4 if self.quick else 20)
@@ -232,8 +238,10 @@ class ShapesRecipe:
                           self._evaluate(f"ar_{mode}", self.final(f"ar_{mode}"), "autoregressive", block),
                           [f"ar-{mode}", *evaluation]))
         for name, (_, _, block, _, _) in inits.items():
-            # The 4-step DMD students (the key comparison) over `self.seeds` seeds; inits and fewer steps once.
-            for model, seeds in ((name, 1), (f"dmd_{name}", self.seeds)):
+            # The 4-step DMD students (the key comparison) and the frame-wise causal inits (candidates for shipping
+            # too) over `self.seeds` seeds; other inits and fewer steps once.
+            init_seeds = self.seeds if name in SHIP_INITS else 1
+            for model, seeds in ((name, init_seeds), (f"dmd_{name}", self.seeds)):
                 S.append(Step(f"eval-{model}", self.p("eval", model, "summary.json"),
                               self._evaluate(model, self.final(model), "causal", block, seeds=seeds),
                               [model, *evaluation]))
@@ -260,8 +268,8 @@ class ShapesRecipe:
 
     def _ship(self) -> None:
         """Pipeline folders of the models to bundle, sharing one VAE folder: ``pipelines/shapes_vae``,
-        ``pipelines/shapes_framewise`` (the best-scoring frame-wise causal-init DMD student, in-distribution Total
-        over the evaluation seeds) and ``pipelines/shapes_chunkwise`` (causal ODE init + DMD). Copy the three
+        ``pipelines/shapes_framewise`` (the best-scoring frame-wise causal model, in-distribution Total over the
+        evaluation seeds: a causal-init DMD student or a causal init itself) and ``pipelines/shapes_chunkwise`` (causal ODE init + DMD). Copy the three
         folders into ``causal_forcing/assets/`` to bundle them; ``shipped.json`` records what was chosen."""
         from ..checkpoints import load_dit_weights
         from ..models.small_vae import SmallVAE
@@ -274,9 +282,10 @@ class ShapesRecipe:
         from .report import CAUSAL_INITS, collect
 
         scores = {m.name: m.stat("in_distribution", "total")[0] for m in collect(self.out)}
-        candidates = [n for n in CAUSAL_INITS if n in scores]
+        names = (*CAUSAL_INITS, *SHIP_INITS)
+        candidates = [n for n in names if n in scores]
         if not candidates:
-            raise InputError(f"no evaluated frame-wise causal-init DMD model to ship (looked for {CAUSAL_INITS})")
+            raise InputError(f"no evaluated frame-wise causal model to ship (looked for {', '.join(names)})")
         framewise = max(candidates, key=lambda n: scores[n])
         chosen = {"shapes_framewise": (framewise, 1), "shapes_chunkwise": ("dmd_causal_ode_chunkwise", 3)}
         missing = [model for model, _ in chosen.values() if not self.final(model).exists()]
