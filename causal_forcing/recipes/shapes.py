@@ -120,15 +120,11 @@ class ShapesRecipe:
 
     def _train_graphed(self, stage: str, config: str, overrides: list[str]) -> None:
         """A teacher step with ``training.graphed`` (one step = one CUDA-graph replay), settings from its config."""
-        import torch
-
         from ..training import load_stage_config
-        from ..training.graphed import GraphedTrainer, settings_from_stage_config
+        from ..training.graphed import settings_from_stage_config, train
         s = settings_from_stage_config(stage, load_stage_config(stage, self.configs / config, overrides))
         s.resume = True
-        dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if s.device == "auto" else s.device)
-        torch.manual_seed(s.seed)
-        GraphedTrainer(s, dev).run()
+        train(s)
 
     def _ode(self, name: str, teacher: Path, kind: str, block: int) -> Callable[[], None]:
         def go() -> None:

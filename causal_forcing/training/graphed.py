@@ -368,20 +368,23 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--no-graph", dest="graph", action="store_false", help="train eagerly on CUDA too")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     a = p.parse_args(argv)
-    s = Settings(**{k: v for k, v in vars(a).items()})
+    return Settings(**vars(a))
+
+
+def train(s: Settings) -> dict:
+    """Validate the settings, pick the device (``auto``: CUDA when available), seed, and run; returns the summary."""
     s.validate()
-    return s
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if s.device == "auto" else s.device)
+    torch.manual_seed(s.seed)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return GraphedTrainer(s, dev).run()
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        s = parse_args(argv)
-        dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if s.device == "auto" else s.device)
-        torch.manual_seed(s.seed)
-        if dev.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-        GraphedTrainer(s, dev).run()
+        train(parse_args(argv))
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
