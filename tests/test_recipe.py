@@ -23,11 +23,18 @@ def test_recipe_runs_every_step_and_skips_finished_ones(tmp_path):
     assert len(summary["seeds"]) == 2 and summary["seeds"][0]["all"]["n"] == 4   # the key comparison: --seeds
     for once in ("self_forcing_ode_framewise", "dmd_causal_ode_framewise_2step", "bidirectional"):
         assert len(json.loads((tmp_path / "eval" / once / "summary.json").read_text())["seeds"]) == 1
-    for init in ("causal_ode_framewise", "causal_cd_framewise"):  # candidates for shipping: over --seeds
-        assert len(json.loads((tmp_path / "eval" / init / "summary.json").read_text())["seeds"]) == 2
+    totals = {}
+    for init in ("causal_ode_framewise", "causal_cd_framewise", "causal_ode_chunkwise", "causal_cd_chunkwise"):
+        for model in (init, f"dmd_{init}"):     # candidates for shipping: over --seeds
+            seeds = json.loads((tmp_path / "eval" / model / "summary.json").read_text())["seeds"]
+            assert len(seeds) == 2
+            totals[model] = sum(s["in_distribution"]["total"] for s in seeds) / 2
     from causal_forcing.pipelines.loading import load_pipeline
     shipped = json.loads((tmp_path / "pipelines" / "shipped.json").read_text())
-    assert shipped["shapes_chunkwise"]["model"] == "dmd_causal_ode_chunkwise"
+    for folder, mode in (("shapes_framewise", "framewise"), ("shapes_chunkwise", "chunkwise")):
+        best = max((m for m in totals if m.endswith(mode)), key=totals.get)   # the best of its block size
+        assert shipped[folder]["model"] == best
+        assert shipped[folder]["in_distribution_total"] == pytest.approx(totals[best])
     for name, block in (("shapes_framewise", 1), ("shapes_chunkwise", 3)):
         pipe = load_pipeline(tmp_path / "pipelines" / name)   # loads, with the shared VAE folder next to it
         assert pipe.stream_config.block_size == block

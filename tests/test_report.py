@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageSequence
 
+from causal_forcing.errors import InputError
 from causal_forcing.recipes import report
 
 
@@ -17,11 +18,11 @@ def seed_report(total: float, all_correct: float = 0.5) -> dict:
 
 
 def write_summary(out: Path, name: str, totals: list[float], *, kind: str = "causal", steps: int | None = 4,
-                  replica_of: str | None = None, train_seed: int = 0) -> None:
+                  replica_of: str | None = None, train_seed: int = 0, block_size: int = 1) -> None:
     folder = out / "eval" / name
     folder.mkdir(parents=True)
-    (folder / "summary.json").write_text(json.dumps({"model": name, "kind": kind, "block_size": 1, "steps": steps,
-                                                     "replica_of": replica_of, "train_seed": train_seed,
+    (folder / "summary.json").write_text(json.dumps({"model": name, "kind": kind, "block_size": block_size,
+                                                     "steps": steps, "replica_of": replica_of, "train_seed": train_seed,
                                                      "seeds": [seed_report(t) for t in totals]}))
 
 
@@ -102,32 +103,40 @@ def test_sample_grid_tiles_clips(tmp_path: Path) -> None:
             np.testing.assert_allclose(tile.astype(int), clips[r][c][:5].astype(int), atol=8)
 
 
-def test_ship_bundles_what_exists_and_stays_pending_until_complete(tmp_path: Path) -> None:
-    """With the chunk-wise student not trained yet, `ship` writes the frame-wise pipeline folder (the best
-    evaluated causal-init student) and a partial record, and is not marked done; with it, the step completes."""
+def test_ship_takes_the_best_evaluated_causal_model_of_each_block_size(tmp_path):
+    """Frame-wise and chunk-wise folders each get the init or DMD student with the best mean in-distribution Total;
+    a folder with no trained and evaluated candidate leaves the step unfinished (partial record), not faked."""
     from causal_forcing.checkpoints import save_model_folder
     from causal_forcing.config import model_preset
-    from causal_forcing.models.small_vae import SmallVAE, SmallVAEConfig
+    from causal_forcing.models.small_vae import SmallVAE
     from causal_forcing.models.wan import WanDiT
     from causal_forcing.pipelines.loading import load_pipeline
     from causal_forcing.recipes.shapes import ShapesRecipe
-
-    config = model_preset("shapes").replace(dim=32, ffn_dim=64, num_heads=2, num_layers=1)
-    write_summary(tmp_path, "dmd_causal_ode_framewise", [0.7, 0.7, 0.7])
-    write_summary(tmp_path, "dmd_causal_cd_framewise", [0.8, 0.8, 0.8])       # the better one is shipped
-    for name in ("dmd_causal_ode_framewise", "dmd_causal_cd_framewise"):
-        save_model_folder(WanDiT(config), config, tmp_path / "runs" / name / "final_ema")
-    SmallVAE(SmallVAEConfig(encoder_channels=(4, 4, 4, 8), decoder_channels=(8, 4, 4, 4))).save_folder(tmp_path / "vae")
-    recipe = ShapesRecipe(tmp_path)
+    SmallVAE().save_folder(tmp_path / "vae")
+    dit = WanDiT(model_preset("shapes").replace(dim=32, ffn_dim=64, num_heads=2, num_layers=1))
+    recipe = ShapesRecipe(tmp_path, quick=True)
     ship = next(s for s in recipe.steps if s.name == "ship")
+    with pytest.raises(InputError, match="no evaluated causal model to ship"):
+        ship.run()
+    scored = {"causal_cd_framewise": ([0.7, 0.8], 1), "dmd_causal_cd_framewise": ([0.7, 0.7], 1),
+              "dmd_causal_ode_framewise": ([0.9, 0.5], 1),
+              "self_forcing_ode_framewise": ([0.99], 1)}   # not a causal init: never shipped
+    for model, (totals, block) in scored.items():
+        write_summary(tmp_path, model, totals, block_size=block)
+        save_model_folder(dit, dit.config, recipe.final(model))
+    write_summary(tmp_path, "causal_cd_chunkwise", [0.6], block_size=3)   # evaluated, but its weights are gone: not a candidate
     ship.run()
-    pipes = tmp_path / "pipelines"
-    assert not ship.output.exists() and not (pipes / "shapes_chunkwise").exists()
-    partial = json.loads((pipes / "shipped.partial.json").read_text())
-    assert partial["shapes_framewise"]["model"] == "dmd_causal_cd_framewise"
-    assert partial["not_trained_yet"] == ["dmd_causal_ode_chunkwise"]
-    assert load_pipeline(pipes / "shapes_framewise").block_size == 1
-    save_model_folder(WanDiT(config), config, tmp_path / "runs" / "dmd_causal_ode_chunkwise" / "final_ema")
+    assert not ship.output.exists()                              # no chunk-wise model yet: unfinished
+    partial = json.loads((tmp_path / "pipelines" / "shipped.partial.json").read_text())
+    assert partial["shapes_framewise"]["model"] == "causal_cd_framewise"
+    assert partial["not_trained_yet"] == ["shapes_chunkwise"]
+    for model, totals in (("causal_ode_chunkwise", [0.5, 0.5]), ("dmd_causal_ode_chunkwise", [0.55, 0.55])):
+        write_summary(tmp_path, model, totals, block_size=3)
+        save_model_folder(dit, dit.config, recipe.final(model))
     ship.run()
-    assert ship.output.exists() and not (pipes / "shipped.partial.json").exists()
-    assert load_pipeline(pipes / "shapes_chunkwise").block_size == 3
+    shipped = json.loads(ship.output.read_text())
+    assert shipped["shapes_framewise"] == {"model": "causal_cd_framewise", "block_size": 1,
+                                           "in_distribution_total": pytest.approx(0.75)}
+    assert shipped["shapes_chunkwise"]["model"] == "dmd_causal_ode_chunkwise"
+    assert not (tmp_path / "pipelines" / "shipped.partial.json").exists()
+    assert load_pipeline(tmp_path / "pipelines" / "shapes_chunkwise").stream_config.block_size == 3

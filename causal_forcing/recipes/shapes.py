@@ -32,8 +32,12 @@ STAGE_FILES = ("bidirectional_short.yaml", "bidirectional.yaml", "ar_diffusion.y
                "causal_ode.yaml", "causal_cd.yaml", "dmd.yaml")
 #: The frame-wise inits of the key comparison (causal ODE init vs Self Forcing's bidirectional ODE init).
 KEY_INITS = ("causal_ode_framewise", "self_forcing_ode_framewise")
-#: The frame-wise causal inits: each one and its DMD student are candidates for the bundled frame-wise model.
-SHIP_INITS = ("causal_ode_framewise", "causal_cd_framewise")
+#: The causal inits behind each bundled pipeline folder (and its block size): each init and its DMD student are
+#: candidates, and the one with the best in-distribution Total over the evaluation seeds is shipped.
+SHIP_CANDIDATES = {"shapes_framewise": (1, ("causal_ode_framewise", "causal_cd_framewise")),
+                   "shapes_chunkwise": (3, ("causal_ode_chunkwise", "causal_cd_chunkwise"))}
+#: Every causal init that may be shipped: these are evaluated over all the sampling seeds, like the DMD students.
+SHIP_INITS = tuple(init for _, inits in SHIP_CANDIDATES.values() for init in inits)
 
 
 @dataclass
@@ -215,6 +219,8 @@ class ShapesRecipe:
                                             f"train.init={bidir}"], ["ode-bidirectional", "bidirectional"]),
             "causal_cd_framewise": ("causal-cd", "causal_cd.yaml", 1, [lat, f"train.init={self.final('ar_framewise')}"],
                                     ["encode", "ar-framewise"]),
+            "causal_cd_chunkwise": ("causal-cd", "causal_cd.yaml", 3, [lat, f"train.init={self.final('ar_chunkwise')}"],
+                                    ["encode", "ar-chunkwise"]),
         }
 
         def dmd(init: str, block: int, seed: int = 0) -> Callable[[], None]:
@@ -234,8 +240,8 @@ class ShapesRecipe:
                           self._evaluate(f"ar_{mode}", self.final(f"ar_{mode}"), "autoregressive", block),
                           [f"ar-{mode}", *evaluation]))
         for name, (_, _, block, _, _) in inits.items():
-            # The 4-step DMD students (the key comparison) and the frame-wise causal inits (candidates for shipping
-            # too) over `self.seeds` seeds; other inits and fewer steps once.
+            # The 4-step DMD students (the key comparison) and the causal inits (candidates for shipping too) over
+            # `self.seeds` seeds; other inits and fewer steps once.
             init_seeds = self.seeds if name in SHIP_INITS else 1
             for model, seeds in ((name, init_seeds), (f"dmd_{name}", self.seeds)):
                 S.append(Step(f"eval-{model}", self.p("eval", model, "summary.json"),
@@ -264,9 +270,10 @@ class ShapesRecipe:
 
     def _ship(self) -> None:
         """Pipeline folders of the models to bundle, sharing one VAE folder: ``pipelines/shapes_vae``,
-        ``pipelines/shapes_framewise`` (the best-scoring frame-wise causal model, in-distribution Total over the
-        evaluation seeds: a causal-init DMD student or a causal init itself) and ``pipelines/shapes_chunkwise`` (causal ODE init + DMD). Copy the three
-        folders into ``causal_forcing/assets/`` to bundle them; ``shipped.json`` records what was chosen."""
+        ``pipelines/shapes_framewise`` and ``pipelines/shapes_chunkwise``, each the best-scoring causal model of its
+        block size (in-distribution Total, mean over the evaluation seeds) among the causal inits of
+        ``SHIP_CANDIDATES`` and their DMD students. Copy the three folders into ``causal_forcing/assets/`` to bundle
+        them; ``shipped.json`` records what was chosen and its score."""
         from ..checkpoints import load_dit_weights
         from ..models.small_vae import SmallVAE
         from ..pipelines.loading import (
@@ -275,17 +282,21 @@ class ShapesRecipe:
             VAESpec,
             save_pipeline_folder,
         )
-        from .report import CAUSAL_INITS, collect
+        from .report import collect
 
         scores = {m.name: m.stat("in_distribution", "total")[0] for m in collect(self.out)}
-        names = (*CAUSAL_INITS, *SHIP_INITS)
-        candidates = [n for n in names if n in scores]
-        if not candidates:
-            raise InputError(f"no evaluated frame-wise causal model to ship (looked for {', '.join(names)})")
-        framewise = max(candidates, key=lambda n: scores[n])
-        chosen = {"shapes_framewise": (framewise, 1), "shapes_chunkwise": ("dmd_causal_ode_chunkwise", 3)}
-        missing = [model for model, _ in chosen.values() if not self.final(model).exists()]
-        chosen = {k: v for k, v in chosen.items() if v[0] not in missing}
+        chosen: dict[str, tuple[str, int]] = {}
+        missing: list[str] = []
+        for folder, (block, inits) in SHIP_CANDIDATES.items():
+            names = [n for init in inits for n in (init, f"dmd_{init}")]
+            ready = [n for n in names if n in scores and self.final(n).exists()]
+            if ready:
+                chosen[folder] = (max(ready, key=lambda n: scores[n]), block)
+            else:
+                missing.append(folder)
+        if not chosen:
+            every = [n for _, inits in SHIP_CANDIDATES.values() for i in inits for n in (i, f"dmd_{i}")]
+            raise InputError(f"no evaluated causal model to ship (looked for {', '.join(every)})")
         pipes = self.p("pipelines")
         SmallVAE.from_folder(self.p("vae")).save_folder(pipes / "shapes_vae")
         for folder, (model, block) in chosen.items():
@@ -296,14 +307,14 @@ class ShapesRecipe:
             save_pipeline_folder(pipes / folder, spec, state, config=config)
         record = {name: {"model": model, "block_size": block, "in_distribution_total": scores.get(model)}
                   for name, (model, block) in chosen.items()}
-        # The step is done (shipped.json) only when every model is there; until then the folders of the models
-        # that exist are written and the step runs again (seconds) on the next call.
+        # The step is done (shipped.json) only when every folder has a model; until then the folders that have one
+        # are written and the step runs again (seconds) on the next call.
         name = "shipped.partial.json" if missing else "shipped.json"
         tmp = pipes / f"{name}.tmp"
         tmp.write_text(json.dumps({**record, "not_trained_yet": missing} if missing else record, indent=1) + "\n")
         tmp.rename(pipes / name)
         if missing:
-            print(f"ship: not trained yet, not shipped: {', '.join(missing)}; run the recipe again to finish")
+            print(f"ship: no trained and evaluated model yet for {', '.join(missing)}; run the recipe again to finish")
         else:
             (pipes / "shipped.partial.json").unlink(missing_ok=True)
 
@@ -312,7 +323,7 @@ class ShapesRecipe:
         write_report(self.out, sample_models=["bidirectional", "ar_framewise", "self_forcing_ode_framewise",
                                               "dmd_self_forcing_ode_framewise", "causal_ode_framewise",
                                               "dmd_causal_ode_framewise", "dmd_causal_cd_framewise",
-                                              "dmd_causal_ode_chunkwise"])
+                                              "dmd_causal_ode_chunkwise", "causal_cd_chunkwise"])
 
     def _encode_complete(self) -> None:
         self._encode()
