@@ -45,6 +45,7 @@ def test_ground_truth_scores_at_least_098_on_every_semantic_metric(gt_specs):
             assert rep[split][key] >= 0.98, (split, key)
         assert rep[split]["quality"] >= 0.98
         assert 0.8 < rep[split]["speed_ratio"] < 1.2
+        assert rep[split]["motion_axis"] >= 0.98
     # Totals follow the contract's formulas.
     t = rep["all"]
     assert t["semantic"] == pytest.approx(np.mean([t[k] for k in SEMANTIC]))
@@ -105,6 +106,9 @@ def test_reversing_one_motion_loses_exactly_motion(gt_specs):
         after = sb.score_clip(shapes.render(_with_object(spec, i, reversed_obj)), spec.caption)
         assert after["objects"][i]["motion"] == 0.0 and before["objects"][i]["motion"] == 1.0
         assert after["motion"] == pytest.approx(before["motion"] - 1 / len(spec.objects))
+        # the unscored axis diagnostic cannot see a reversed direction: still on the caption's axis
+        assert after["objects"][i]["motion_axis"] == before["objects"][i]["motion_axis"] == 1.0
+        assert after["motion_axis"] == before["motion_axis"] == 1.0
         for key in ("color", "shape", "size"):
             assert after[key] == before[key], (spec.caption, key)
         assert after["all_correct"] == 0.0
@@ -124,6 +128,9 @@ def test_frozen_video_fails_motion_for_moving_captions(gt_specs):
                 assert obj["motion"] == 1.0
         if any(a.motion != "still" for a in spec.attrs):
             assert result["all_correct"] == 0.0 and result["speed_ratio"] == 0.0
+            assert result["motion_axis"] == 0.0               # still is on no moving axis
+        else:
+            assert result["motion_axis"] is None and result["speed_ratio"] is None
 
 
 def test_hand_drawn_clip_is_read_correctly():

@@ -12,7 +12,7 @@ from ..eval import shapesbench
 _COLUMNS = (("n", "n"), ("color", "color"), ("shape", "shape"), ("size", "size"), ("motion", "motion"),
             ("semantic", "semantic"), ("cleanliness", "clean"), ("consistency", "consist"),
             ("smoothness", "smooth"), ("quality", "quality"), ("total", "total"), ("all_correct", "all_ok"),
-            ("speed_ratio", "speed"))
+            ("speed_ratio", "speed"), ("motion_axis", "axis"))
 _SPLITS = (("in_distribution", "in-distribution"), ("held_out", "held-out"), ("all", "all"))
 
 

@@ -132,7 +132,7 @@ def summary_line(name: str, rep: dict) -> dict[str, Any]:
     for split in ("in_distribution", "held_out"):
         s = rep[split]
         for key in ("total", "semantic", "quality", "all_correct", "color", "shape", "size", "motion",
-                    "speed_ratio"):
+                    "speed_ratio", "motion_axis"):
             row[f"{split}.{key}"] = s.get(key)
     return row
 

@@ -194,6 +194,13 @@ def _velocity(centroid: np.ndarray, frames: np.ndarray, canvas: int) -> np.ndarr
     return (tc[:, None] * (c - c.mean(axis=0))).sum(axis=0) / (tc * tc).sum()
 
 
+#: The axis of each motion word: `motion_axis` (reported, not scored) asks only whether an object moves along the
+#: caption's axis, so that a model that moves objects the right way round can be told from one that only gets the
+#: axis right (a random sign halves `motion` but leaves `motion_axis` whole).
+MOTION_AXES: dict[str, str] = {"left": "horizontal", "right": "horizontal", "up": "vertical", "down": "vertical",
+                               "still": "still"}
+
+
 def motion_label(velocity: np.ndarray) -> str:
     """'still' below STILL_SPEED, else the direction of the dominant component (image y points down)."""
     vy, vx = float(velocity[0]), float(velocity[1])
@@ -252,7 +259,8 @@ def _measure_object(expected: shapes.ObjectAttrs, track: Track | None, occluded:
     """Scores and measurements of one expected object given its matched track (None: nothing matched)."""
     if track is None:
         return {"expected": expected.phrase, "matched_color": None, "color": 0.0, "shape": 0.0, "size": 0.0,
-                "motion": 0.0, "consistency": 0.0, "smoothness": 0.0, "speed": 0.0, "measured": None}
+                "motion": 0.0, "motion_axis": 0.0, "consistency": 0.0, "smoothness": 0.0, "speed": 0.0,
+                "measured": None}
     if not (track.present & ~occluded).any():  # occluded throughout: measure on every frame instead
         occluded = np.zeros_like(occluded)
     valid = track.present & ~occluded
@@ -276,6 +284,7 @@ def _measure_object(expected: shapes.ObjectAttrs, track: Track | None, occluded:
         "shape": float(shape == expected.shape),
         "size": float(size == expected.size),
         "motion": float(motion == expected.motion),
+        "motion_axis": float(motion is not None and MOTION_AXES[motion] == MOTION_AXES[expected.motion]),
         "consistency": _consistency(track, occluded),
         "smoothness": _smoothness(track, valid, canvas),
         "speed": _mean_speed(track, valid, canvas),
@@ -326,7 +335,8 @@ def score_clip(frames: np.ndarray, caption: str) -> dict:
     """ShapesBench scores of one clip for the (canonical or paraphrased) caption it was generated from.
 
     Returns a dict with the semantic scores (color, shape, size, motion, all_correct), quality scores
-    (cleanliness, consistency, smoothness), speed_ratio (None for captions without moving objects),
+    (cleanliness, consistency, smoothness), the unscored diagnostics speed_ratio and motion_axis (both None for
+    captions without moving objects),
     the per-clip semantic / quality / total, and per-object measurements. Raises InputError for a caption
     outside the world's grammar or frames that are not a uint8 (T >= 17, square, >= 20 px, RGB) clip."""
     expected = shapes.parse_caption(caption)
@@ -350,8 +360,9 @@ def score_clip(frames: np.ndarray, caption: str) -> dict:
         result[key] = float(np.mean([o[key] for o in objects]))
     result["cleanliness"] = float(max(0.0, 1.0 - artifact_fraction / CLEANLINESS_ZERO_AT))
     result["all_correct"] = float(not unexpected and all(o[k] == 1.0 for o in objects for k in SEMANTIC_KEYS))
-    moving = [o["speed"] for o, a in zip(objects, expected) if a.motion != "still"]
-    result["speed_ratio"] = float(np.mean(moving) / SPEED_MID) if moving else None
+    moving = [o for o, a in zip(objects, expected) if a.motion != "still"]
+    result["speed_ratio"] = float(np.mean([o["speed"] for o in moving]) / SPEED_MID) if moving else None
+    result["motion_axis"] = float(np.mean([o["motion_axis"] for o in moving])) if moving else None
     result["semantic"] = float(np.mean([result[k] for k in SEMANTIC_KEYS]))
     result["quality"] = float(np.mean([result[k] for k in QUALITY_KEYS]))
     result["total"] = (4.0 * result["quality"] + result["semantic"]) / 5.0
@@ -362,7 +373,9 @@ def score_clip(frames: np.ndarray, caption: str) -> dict:
 
 
 # -------------------------------------------------------------------------------------------------- totals
-TOTAL_KEYS = ("semantic", "quality", "total", "all_correct") + SEMANTIC_KEYS + QUALITY_KEYS + ("speed_ratio",)
+#: Reported, not scored: mean over the clips that have a moving object (None when none has).
+DIAGNOSTIC_KEYS = ("speed_ratio", "motion_axis")
+TOTAL_KEYS = ("semantic", "quality", "total", "all_correct") + SEMANTIC_KEYS + QUALITY_KEYS + DIAGNOSTIC_KEYS
 
 
 def summarize(results: Iterable[dict]) -> dict:
@@ -374,8 +387,9 @@ def summarize(results: Iterable[dict]) -> dict:
         return {**out, **{k: None for k in TOTAL_KEYS}}
     for key in SEMANTIC_KEYS + QUALITY_KEYS + ("all_correct",):
         out[key] = float(np.mean([r[key] for r in results]))
-    ratios = [r["speed_ratio"] for r in results if r["speed_ratio"] is not None]
-    out["speed_ratio"] = float(np.mean(ratios)) if ratios else None
+    for key in DIAGNOSTIC_KEYS:
+        values = [r[key] for r in results if r.get(key) is not None]
+        out[key] = float(np.mean(values)) if values else None
     out["semantic"] = float(np.mean([out[k] for k in SEMANTIC_KEYS]))
     out["quality"] = float(np.mean([out[k] for k in QUALITY_KEYS]))
     out["total"] = (4.0 * out["quality"] + out["semantic"]) / 5.0
