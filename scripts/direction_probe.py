@@ -8,6 +8,10 @@
         the first N in-distribution single-object moving prompts, and the same prompts with the direction
         reversed (left<->right, up<->down), generated with the same noise: a model that reads the direction word
         moves the object the other way in most pairs; one that ignores it moves it the same way.
+
+    python scripts/direction_probe.py sensitivity --weights DIR --latents SHARD.safetensors [--frames 9]
+        how much the model's output on noisy training latents changes when one word of the caption changes
+        (direction, colour, shape; relative L2), and how far it is from time-reversal equivariance.
 """
 from __future__ import annotations
 
@@ -73,6 +77,36 @@ def pairs(args: argparse.Namespace) -> None:
           f"move, {differ} move differently")
 
 
+def sensitivity(args: argparse.Namespace) -> None:
+    import torch
+    from safetensors import safe_open
+
+    from causal_forcing.eval.models import load_model_folder
+    from causal_forcing.models.text import build_text_encoder
+
+    torch.manual_seed(args.seed)
+    model = load_model_folder(args.weights)
+    text = build_text_encoder("minilm", text_len=model.config.text_len)
+    with safe_open(args.latents, "pt") as f:
+        latents = f.get_tensor("latents").float()[:args.clips, :args.frames]
+    base = "a big blue triangle moving right"
+    swaps = {"direction (right -> left)": base.replace("right", "left"),
+             "colour (blue -> red)": base.replace("blue", "red"),
+             "shape (triangle -> square)": base.replace("triangle", "square")}
+    emb = {k: text.encode([c]).float().expand(len(latents), -1, -1) for k, c in {"base": base, **swaps}.items()}
+    for sigma in (0.9, 0.6, 0.3):
+        x = (1 - sigma) * latents + sigma * torch.randn_like(latents)
+        t = torch.full(x.shape[:2], sigma * 1000.0)
+        with torch.no_grad():
+            out = {k: model(x, t, e) for k, e in emb.items()}
+            reversed_out = model(x.flip(1), t, emb["base"]).flip(1)
+        ref = out["base"]
+        rel = {k: float((out[k] - ref).norm() / ref.norm()) for k in swaps}
+        rev = float((reversed_out - ref).norm() / ref.norm())
+        print(f"sigma {sigma}: " + ", ".join(f"{k} {v:.3f}" for k, v in rel.items())
+              + f"; time reversal {rev:.3f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -87,8 +121,15 @@ def main() -> None:
     q.add_argument("--n", type=int, default=20)
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--work", default="runs/direction_probe", help="where the two prompt lists are written")
+    r = sub.add_parser("sensitivity")
+    r.add_argument("--weights", required=True)
+    r.add_argument("--latents", required=True, help="a latent shard of `data encode` (latents + context)")
+    r.add_argument("--clips", type=int, default=8)
+    r.add_argument("--frames", type=int, default=9)
+    r.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
-    confusion(args.scores) if args.cmd == "confusion" else pairs(args)
+    {"confusion": lambda: confusion(args.scores), "pairs": lambda: pairs(args),
+     "sensitivity": lambda: sensitivity(args)}[args.cmd]()
 
 
 if __name__ == "__main__":
