@@ -22,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from causal_forcing.data.shapes import parse_caption  # noqa: E402
 from causal_forcing.eval.shapesbench import MOTION_AXES  # noqa: E402
 
 OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
@@ -32,7 +33,7 @@ def motion_rows(clips: list[dict]) -> list[tuple[str, str | None]]:
     rows = []
     for clip in clips:
         for obj in clip["objects"]:
-            expected = obj["expected"].split()[-1]
+            expected = parse_caption(obj["expected"])[0].motion
             if expected in OPPOSITE:
                 rows.append((expected, (obj.get("measured") or {}).get("motion")))
     return rows
@@ -42,6 +43,9 @@ def confusion(paths: list[str]) -> None:
     for path in paths:
         rows = motion_rows(json.loads(Path(path).read_text())["clips"])
         found = [(e, m) for e, m in rows if m is not None]
+        if not found:
+            print(f"{path}: moving objects {len(rows)}, none found")
+            continue
         axis = sum(MOTION_AXES[m] == MOTION_AXES[e] for e, m in found)
         exact = sum(m == e for e, m in found)
         print(f"{path}: moving objects {len(rows)}, found {len(found)}, on the axis {axis / len(found):.2f}, "

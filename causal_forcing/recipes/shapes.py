@@ -285,17 +285,18 @@ class ShapesRecipe:
         from .report import collect
 
         scores = {m.name: m.stat("in_distribution", "total")[0] for m in collect(self.out)}
+        candidates = {folder: (block, [n for init in inits for n in (init, f"dmd_{init}")])
+                      for folder, (block, inits) in SHIP_CANDIDATES.items()}
         chosen: dict[str, tuple[str, int]] = {}
         missing: list[str] = []
-        for folder, (block, inits) in SHIP_CANDIDATES.items():
-            names = [n for init in inits for n in (init, f"dmd_{init}")]
+        for folder, (block, names) in candidates.items():
             ready = [n for n in names if n in scores and self.final(n).exists()]
             if ready:
                 chosen[folder] = (max(ready, key=lambda n: scores[n]), block)
             else:
                 missing.append(folder)
         if not chosen:
-            every = [n for _, inits in SHIP_CANDIDATES.values() for i in inits for n in (i, f"dmd_{i}")]
+            every = [n for _, names in candidates.values() for n in names]
             raise InputError(f"no evaluated causal model to ship (looked for {', '.join(every)})")
         pipes = self.p("pipelines")
         SmallVAE.from_folder(self.p("vae")).save_folder(pipes / "shapes_vae")
