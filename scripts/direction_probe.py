@@ -1,4 +1,4 @@
-"""Does a model read the direction word of a caption? Two diagnostics behind docs/results.md ("the direction sign").
+"""Does a model read the direction word of a caption? Diagnostics behind docs/results.md ("the direction sign").
 
     python scripts/direction_probe.py confusion SCORES.json...
         motion of every expected moving object in ShapesBench reports (eval model --out DIR/scores.json): found
@@ -12,6 +12,11 @@
     python scripts/direction_probe.py sensitivity --weights DIR --latents SHARD.safetensors [--frames 9]
         how much the model's output on noisy training latents changes when one word of the caption changes
         (direction, colour, shape; relative L2), and how far it is from time-reversal equivariance.
+
+    python scripts/direction_probe.py data --latents SHARD.safetensors --vae DIR [--clips 32]
+        whether the training data carries the direction: for each clip with a direction word, is the stored
+        caption embedding closer to its own caption than to the caption with the direction reversed; and the
+        ShapesBench motion score of the stored latents, decoded.
 """
 from __future__ import annotations
 
@@ -111,6 +116,36 @@ def sensitivity(args: argparse.Namespace) -> None:
               + f"; time reversal {rev:.3f}")
 
 
+def data(args: argparse.Namespace) -> None:
+    import torch
+    from safetensors import safe_open
+
+    from causal_forcing.eval.models import _pixels_to_uint8
+    from causal_forcing.eval.shapesbench import score_clip
+    from causal_forcing.models.small_vae import load_vae
+    from causal_forcing.models.text import build_text_encoder
+
+    with safe_open(args.latents, "pt") as f:
+        records = json.loads(f.metadata()["records"])[:args.clips]
+        context = f.get_tensor("context").float()[:args.clips]
+        latents = f.get_tensor("latents").float()[:args.clips]
+    text = build_text_encoder("minilm", text_len=context.shape[1])
+    vae = load_vae(args.vae)
+    closer = with_direction = 0
+    motion = []
+    for i, record in enumerate(records):
+        words = record["caption"].split()    # the training caption (a paraphrase or the canonical form)
+        if any(w in OPPOSITE for w in words):
+            own, reversed_ = text.encode([record["caption"], " ".join(OPPOSITE.get(w, w) for w in words)]).float()
+            with_direction += 1
+            closer += bool((context[i] - own).norm() < (context[i] - reversed_).norm())
+        with torch.no_grad():
+            clip = _pixels_to_uint8(vae.decode(latents[i:i + 1]))[0]
+        motion.append(score_clip(clip, record["caption"])["motion"])   # the judge reads paraphrases too
+    print(f"{args.latents}: stored embedding closer to its own caption than to the reversed one for {closer} of "
+          f"{with_direction} clips with a direction word; decoded latents' motion score {sum(motion) / len(motion):.3f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -131,8 +166,12 @@ def main() -> None:
     r.add_argument("--clips", type=int, default=8)
     r.add_argument("--frames", type=int, default=9)
     r.add_argument("--seed", type=int, default=0)
+    d = sub.add_parser("data")
+    d.add_argument("--latents", required=True)
+    d.add_argument("--vae", default="shapes")
+    d.add_argument("--clips", type=int, default=32)
     args = p.parse_args()
-    {"confusion": lambda: confusion(args.scores), "pairs": lambda: pairs(args),
+    {"data": lambda: data(args), "confusion": lambda: confusion(args.scores), "pairs": lambda: pairs(args),
      "sensitivity": lambda: sensitivity(args)}[args.cmd]()
 
 
