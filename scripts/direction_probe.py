@@ -13,6 +13,12 @@
         how much the model's output on noisy training latents changes when one word of the caption changes
         (direction, colour, shape; relative L2), and how far it is from time-reversal equivariance.
 
+    python scripts/direction_probe.py contrast --weights DIR --kind KIND --manifest EVAL.jsonl [--vae DIR]
+            [--negative zeros|reversed] [--guidance G] [--contrast H]
+        `pairs` with the teacher's many-step sampler under other guidance: the negative prompt is the empty one
+        (zeros) or the caption with the direction reversed, and (bidirectional only) an extra contrast term
+        h·(v_cond − v_reversed) is added to v_neg + g·(v_cond − v_neg): does amplifying the direction word help?
+
     python scripts/direction_probe.py data --latents SHARD.safetensors --vae DIR [--clips 32]
         whether the training data carries the direction: for each clip with a direction word, is the stored
         caption embedding closer to its own caption than to the caption with the direction reversed; and the
@@ -62,11 +68,7 @@ def pairs(args: argparse.Namespace) -> None:
     from causal_forcing.models.small_vae import load_vae
     from causal_forcing.models.text import build_text_encoder
 
-    entries = [json.loads(line) for line in Path(args.manifest).read_text().splitlines() if line.strip()]
-    chosen = [e for e in entries if " and " not in e["caption"] and e["caption"].split()[-1] in OPPOSITE
-              and not e.get("held_out")][:args.n]
-    flipped = [{**e, "caption": e["caption"].rsplit(" ", 1)[0] + " " + OPPOSITE[e["caption"].split()[-1]]}
-               for e in chosen]
+    chosen, flipped = single_moving_prompts(args.manifest, args.n)
     model = load_model_folder(args.weights)
     vae = load_vae(args.vae)
     text = build_text_encoder("minilm", text_len=model.config.text_len)
@@ -79,11 +81,73 @@ def pairs(args: argparse.Namespace) -> None:
         manifest.write_text("".join(json.dumps(e) + "\n" for e in batch))
         reports.append(evaluate(model, vae, text, manifest, settings))   # one batch each: the same noise
     a, b = (motion_rows(r["clips"]) for r in reports)
+    print(f"{args.weights}: {pair_summary(a, b)}")
+
+
+def reverse_direction(caption: str) -> str:
+    return " ".join(OPPOSITE.get(w, w) for w in caption.split())
+
+
+def single_moving_prompts(manifest: str, n: int) -> tuple[list[dict], list[dict]]:
+    """The first n in-distribution single-object moving prompts, and the same with the direction reversed."""
+    entries = [json.loads(line) for line in Path(manifest).read_text().splitlines() if line.strip()]
+    chosen = [e for e in entries if " and " not in e["caption"] and e["caption"].split()[-1] in OPPOSITE
+              and not e.get("held_out")][:n]
+    return chosen, [{**e, "caption": reverse_direction(e["caption"])} for e in chosen]
+
+
+def pair_summary(a: list, b: list) -> str:
     both = [(x, y) for x, y in zip(a, b) if x[1] in OPPOSITE and y[1] in OPPOSITE]
     differ = sum(x[1] != y[1] for x, y in both)
     exact = sum(m == e for e, m in a + b)
-    print(f"{args.weights}: exact direction {exact}/{len(a) + len(b)}; of {len(both)} pairs where both objects "
-          f"move, {differ} move differently")
+    return f"exact direction {exact}/{len(a) + len(b)}; of {len(both)} pairs where both objects move, {differ} move differently"
+
+
+def contrast(args: argparse.Namespace) -> None:
+    import torch
+
+    from causal_forcing.eval import shapesbench
+    from causal_forcing.eval.models import _pixels_to_uint8, load_model_folder
+    from causal_forcing.models.attention import Bidirectional
+    from causal_forcing.models.small_vae import load_vae
+    from causal_forcing.models.text import build_text_encoder
+    from causal_forcing.pipelines.teacher import integrate, sample_autoregressive, solver_sigmas
+
+    if args.contrast and args.kind != "bidirectional":
+        sys.exit("--contrast is implemented for --kind bidirectional only (the AR sampler runs two branches)")
+    model = load_model_folder(args.weights)
+    vae = load_vae(args.vae)
+    text = build_text_encoder("minilm", text_len=model.config.text_len)
+    hw = (64 // vae.spatial_factor,) * 2
+    reports = []
+    for batch in single_moving_prompts(args.manifest, args.n):
+        captions = [e["caption"] for e in batch]
+        ctx = text.encode(captions).float()
+        rev = text.encode([reverse_direction(c) for c in captions]).float()
+        neg = rev if args.negative == "reversed" else torch.zeros_like(ctx)
+        gen = torch.Generator().manual_seed(args.seed)          # the same noise for both lists
+        with torch.no_grad():
+            if args.kind == "autoregressive":
+                lat = sample_autoregressive(model, ctx, neg, num_frames=21, latent_hw=hw, block_size=args.block_size,
+                                            steps=args.steps, shift=5.0, guidance=args.guidance, generator=gen)
+            else:
+                def flow(x: torch.Tensor, sigma: float) -> torch.Tensor:
+                    t = torch.full(x.shape[:2], 1000.0 * sigma)
+                    v_c = model(x, t, ctx, layout=Bidirectional()).float()
+                    v_n = model(x, t, neg, layout=Bidirectional()).float()
+                    v = v_n + args.guidance * (v_c - v_n)
+                    if args.contrast:
+                        v = v + args.contrast * (v_c - model(x, t, rev, layout=Bidirectional()).float())
+                    return v
+                x = torch.randn((len(batch), 21, model.config.in_dim, *hw), generator=gen)
+                lat = integrate(flow, x, solver_sigmas("unipc", args.steps, 5.0), "unipc").float()
+            frames = _pixels_to_uint8(vae.decode(lat))
+        clips = [shapesbench.score_clip(c, e["caption"]) for c, e in zip(frames, batch)]
+        reports.append(shapesbench.report(clips, [], kind=args.kind))
+    a, b = (motion_rows(r["clips"]) for r in reports)
+    scores = " / ".join(f"{r['in_distribution']['total']:.3f}" for r in reports)
+    print(f"{args.weights} negative={args.negative} g={args.guidance} h={args.contrast}: {pair_summary(a, b)}; "
+          f"Total (prompts / reversed) {scores}")
 
 
 def sensitivity(args: argparse.Namespace) -> None:
@@ -160,6 +224,18 @@ def main() -> None:
     q.add_argument("--n", type=int, default=20)
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--work", default="runs/direction_probe", help="where the two prompt lists are written")
+    g = sub.add_parser("contrast")
+    g.add_argument("--weights", required=True)
+    g.add_argument("--kind", choices=("autoregressive", "bidirectional"), required=True)
+    g.add_argument("--block-size", type=int, default=1)
+    g.add_argument("--manifest", required=True)
+    g.add_argument("--vae", default="shapes")
+    g.add_argument("--n", type=int, default=20)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--steps", type=int, default=20)
+    g.add_argument("--negative", choices=("zeros", "reversed"), default="zeros")
+    g.add_argument("--guidance", type=float, default=4.0)
+    g.add_argument("--contrast", type=float, default=0.0)
     r = sub.add_parser("sensitivity")
     r.add_argument("--weights", required=True)
     r.add_argument("--latents", required=True, help="a latent shard of `data encode` (latents + context)")
@@ -172,6 +248,7 @@ def main() -> None:
     d.add_argument("--clips", type=int, default=32)
     args = p.parse_args()
     {"data": lambda: data(args), "confusion": lambda: confusion(args.scores), "pairs": lambda: pairs(args),
+     "contrast": lambda: contrast(args),
      "sensitivity": lambda: sensitivity(args)}[args.cmd]()
 
 
