@@ -100,7 +100,8 @@ def pair_summary(a: list, b: list) -> str:
     both = [(x, y) for x, y in zip(a, b) if x[1] in OPPOSITE and y[1] in OPPOSITE]
     differ = sum(x[1] != y[1] for x, y in both)
     exact = sum(m == e for e, m in a + b)
-    return f"exact direction {exact}/{len(a) + len(b)}; of {len(both)} pairs where both objects move, {differ} move differently"
+    return (f"exact direction {exact}/{len(a) + len(b)}; of {len(both)} pairs where both objects move, "
+            f"{differ} move differently")
 
 
 def contrast(args: argparse.Namespace) -> None:
@@ -131,7 +132,7 @@ def contrast(args: argparse.Namespace) -> None:
                 lat = sample_autoregressive(model, ctx, neg, num_frames=21, latent_hw=hw, block_size=args.block_size,
                                             steps=args.steps, shift=5.0, guidance=args.guidance, generator=gen)
             else:
-                def flow(x: torch.Tensor, sigma: float) -> torch.Tensor:
+                def flow(x: torch.Tensor, sigma: float, ctx=ctx, neg=neg, rev=rev) -> torch.Tensor:
                     t = torch.full(x.shape[:2], 1000.0 * sigma)
                     v_c = model(x, t, ctx, layout=Bidirectional()).float()
                     v_n = model(x, t, neg, layout=Bidirectional()).float()
@@ -207,7 +208,8 @@ def data(args: argparse.Namespace) -> None:
             clip = _pixels_to_uint8(vae.decode(latents[i:i + 1]))[0]
         motion.append(score_clip(clip, record["caption"])["motion"])   # the judge reads paraphrases too
     print(f"{args.latents}: stored embedding closer to its own caption than to the reversed one for {closer} of "
-          f"{with_direction} clips with a direction word; decoded latents' motion score {sum(motion) / len(motion):.3f}")
+          f"{with_direction} clips with a direction word; decoded latents' motion score "
+          f"{sum(motion) / len(motion):.3f}")
 
 
 def main() -> None:

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from causal_forcing.config import ModelConfig
-from causal_forcing.models.attention import (AttentionPlan, Bidirectional, BlockCausal, TeacherForcing, attention,
+from causal_forcing.models.attention import (Bidirectional, BlockCausal, TeacherForcing, attention,
                                              build_plan)
 from causal_forcing.models.wan import WanDiT
 

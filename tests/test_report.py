@@ -124,7 +124,8 @@ def test_ship_takes_the_best_evaluated_causal_model_of_each_block_size(tmp_path)
     for model, (totals, block) in scored.items():
         write_summary(tmp_path, model, totals, block_size=block)
         save_model_folder(dit, dit.config, recipe.final(model))
-    write_summary(tmp_path, "causal_cd_chunkwise", [0.6], block_size=3)   # evaluated, but its weights are gone: not a candidate
+    # evaluated, but its weights are gone: not a candidate
+    write_summary(tmp_path, "causal_cd_chunkwise", [0.6], block_size=3)
     ship.run()
     assert not ship.output.exists()                              # no chunk-wise model yet: unfinished
     partial = json.loads((tmp_path / "pipelines" / "shipped.partial.json").read_text())

@@ -306,7 +306,8 @@ def test_cli_eval_model_scores_a_checkpoint(tmp_path, capsys):
     save_model_folder(WanDiT(config), config, tmp_path / "dit")
     SmallVAE(SmallVAEConfig(encoder_channels=(4, 4, 4, 8), decoder_channels=(8, 4, 4, 4))).save_folder(tmp_path / "vae")
     manifest = tmp_path / "manifest.jsonl"
-    captions = ["a small red circle moving right", "a big blue square standing still", "a small green triangle moving up"]
+    captions = ["a small red circle moving right", "a big blue square standing still",
+                "a small green triangle moving up"]
     manifest.write_text("".join(json.dumps({"file": f"eval_{i:03d}.npz", "caption": c}) + "\n"
                                 for i, c in enumerate(captions)))
     for kind, extra in (("causal", ["--steps", "2"]), ("bidirectional", ["--teacher-steps", "2"]),

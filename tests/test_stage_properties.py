@@ -179,7 +179,7 @@ def capture_step(tr: Trainer, *, update: bool = False) -> tuple[dict[str, torch.
         tr.stage.step(tr)
     finally:
         del tr.optimize
-        for n, s in tr.streams.items():
+        for s in tr.streams.values():
             del s.next
     return losses, batches
 

@@ -1,6 +1,5 @@
 """Every training stage end to end on tiny random data (the recipe's wiring), plus stage-specific truths."""
 import json
-from pathlib import Path
 
 import pytest
 import torch

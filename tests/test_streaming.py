@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from causal_forcing.models.attention import BlockCausal
-from causal_forcing.pipelines.streaming import (CausalStream, ReplayNoise, SeededNoise, StreamConfig,
+from causal_forcing.pipelines.streaming import (CausalStream, ReplayNoise, StreamConfig,
                                                 sample_causal)
 from causal_forcing.schedulers.flow import FewStepSchedule
 
@@ -11,7 +11,8 @@ HW = (8, 8)
 
 
 def _ctx(model, seed=3, batch=1):
-    return torch.randn(batch, model.config.text_len, model.config.text_dim, generator=torch.Generator().manual_seed(seed))
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, model.config.text_len, model.config.text_dim, generator=gen)
 
 
 @pytest.mark.parametrize("block,frames", [(1, 4), (3, 6), (2, 5)])

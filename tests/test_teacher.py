@@ -138,7 +138,9 @@ def test_unipc_matches_diffusers(order, variant, disable):
 
 def test_unipc_higher_order_to_zero_needs_lower_order_final():
     sig = unipc_sigmas(3, 5.0)
-    den = lambda xi, s: 0.5 * xi
+
+    def den(xi, s):
+        return 0.5 * xi
     with pytest.raises(ValueError, match="lower_order_final"):
         sample_unipc(den, torch.ones(2, dtype=torch.float64), sig, UniPCConfig(order=2, lower_order_final=False))
     with pytest.raises(ValueError, match="0 < σ < 1"):
@@ -277,8 +279,8 @@ def test_seeded_generator_equals_explicit_noise(tiny_model):
     cond, neg = _contexts(tiny_model)
     shape = (1, 2, C, *HW)
     a = sample_bidirectional(tiny_model, cond, neg, shape=shape, generator=torch.Generator().manual_seed(7), steps=3)
-    b = sample_bidirectional(tiny_model, cond, neg, noise=torch.randn(shape, generator=torch.Generator().manual_seed(7)),
-                             steps=3)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(7))
+    b = sample_bidirectional(tiny_model, cond, neg, noise=noise, steps=3)
     assert torch.equal(a, b)
     with pytest.raises(ValueError, match="seeded generator"):
         sample_bidirectional(tiny_model, cond, neg, shape=shape, steps=3)

@@ -125,7 +125,8 @@ def test_training_learns_and_exports_released_layout(tmp_path):
     out = tmp_path / "run"
     run_stage("ar-diffusion", None, [f"data.path={data}", f"train.out_dir={out}", "train.max_steps=150",
                                      "optim.lr=3e-3", "optim.betas=[0.9,0.99]", "train.progress=false",
-                                     "train.save_every=150", "ema.decay=0.5", "stage.shift=1.0", "stage.loss_weighting=none"])
+                                     "train.save_every=150", "ema.decay=0.5", "stage.shift=1.0",
+                                     "stage.loss_weighting=none"])
     from causal_forcing.checkpoints import load_dit_weights, load_into
     from causal_forcing.config import model_preset
     from causal_forcing.models.attention import TeacherForcing
@@ -175,7 +176,8 @@ STAGE_OF = {"ar_diffusion": "ar-diffusion", "ode_data": "ode-data", "causal_ode"
 def test_shipped_configs_validate(path):
     stage = next(v for k, v in STAGE_OF.items() if path.stem.startswith(k))
     # the paths the recipe fills in
-    paths = {"dmd": ["stage.real_score=teacher"], "ode-data": ["stage.teacher=teacher", "stage.out=pairs"]}.get(stage, [])
+    paths = {"dmd": ["stage.real_score=teacher"],
+             "ode-data": ["stage.teacher=teacher", "stage.out=pairs"]}.get(stage, [])
     cfg = load_stage_config(stage, path, paths)
     assert cfg.train.max_steps >= 1
 

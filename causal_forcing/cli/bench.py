@@ -88,7 +88,7 @@ def format_table(result: dict[str, Any]) -> str:
               f"fps with VAE decode          {timing['fps']:.2f}",
               f"fps without VAE decode       {timing['fps_without_decode']:.2f}",
               f"steady fps (after block 0)   {timing['steady_fps']:.2f}",
-              f"peak memory                  "
+              "peak memory                  "
               + (f"{memory:.0f} MiB ({result['peak_memory_kind']})" if memory is not None else "n/a")]
     return "\n".join(lines)
 

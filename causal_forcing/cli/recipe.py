@@ -22,7 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--jobs", type=int, default=1,
                    help="steps run side by side, each in its own process with cores/jobs threads (default 1)")
     s.add_argument("--quick", action="store_true",
-                   help="tiny step counts and 4 evaluation prompts: checks the wiring in minutes, trains nothing useful")
+                   help="tiny step counts and 4 evaluation prompts: checks the wiring in minutes, "
+                        "trains nothing useful")
     s.add_argument("--configs", default=None, metavar="DIR",
                    help="folder of stage configs (default: the package's configs/shapes, sized for 2 CPU cores; "
                         "configs/shapes_gpu sizes the stages for one GPU)")

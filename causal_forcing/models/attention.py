@@ -191,7 +191,8 @@ def _disable_flex(error: Exception) -> None:
     global _flex_failed
     import warnings
     _flex_failed = f"{type(error).__name__}: {error}"
-    warnings.warn(f"FlexAttention unavailable, using SDPA for block masks ({_flex_failed.splitlines()[0]})")
+    warnings.warn(f"FlexAttention unavailable, using SDPA for block masks ({_flex_failed.splitlines()[0]})",
+                  stacklevel=3)
 
 
 def _flex_fn(device: torch.device):

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError
-from ..models.kv_cache import KVCache, SinkRope
+from ..models.kv_cache import SinkRope
 from ..models.vae import ImageSource, pixel_frames_for, pixels_to_frames
 from .streaming import CausalStream, StreamConfig, commit_block
 from .video import BlockTiming, VideoPipeline

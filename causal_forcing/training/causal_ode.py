@@ -8,7 +8,7 @@ block, block-causal attention over the noisy frames (no clean context), target =
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch

@@ -95,7 +95,10 @@ class Stage:
         fake.attn_backend = s.attn_backend
         self.fake = tr.add_trainable("critic", fake, lr=s.lr_critic, betas=s.betas_critic, ema_decay=0.0,
                                      export=False)
-        ds = LatentDataset(cfg.data.path, max_frames=cfg.data.max_frames) if not str(cfg.data.path).endswith(".txt") else PromptDataset(cfg.data.path)
+        if str(cfg.data.path).endswith(".txt"):
+            ds = PromptDataset(cfg.data.path)
+        else:
+            ds = LatentDataset(cfg.data.path, max_frames=cfg.data.max_frames)
         self.frames, self.hw = self._shape(ds, s)
         self.gen_data = data_stream(tr, "generator_data", ds)
         self.critic_data = data_stream(tr, "critic_data", ds, seed_offset=1)

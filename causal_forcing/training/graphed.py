@@ -191,7 +191,8 @@ class GraphedTrainer:
     def _step(self) -> None:
         loss = self._loss()
         loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(self.params, self.s.grad_clip, foreach=self.device.type == "cuda" or None)
+        gnorm = torch.nn.utils.clip_grad_norm_(self.params, self.s.grad_clip,
+                                               foreach=self.device.type == "cuda" or None)
         self.opt.step()
         self.loss_sum += loss.detach()
         self.gnorm_sum += gnorm.detach()

@@ -25,7 +25,11 @@ from ..checkpoints import load_dit_weights, load_into
 from ..data.latents import LatentDataset, LatentWriter
 from ..errors import ConfigError
 from ..models.wan import WanDiT
-from ..pipelines.teacher import ode_trajectory_bidirectional, ode_trajectory_blockwise_kv, ode_trajectory_teacher_forcing
+from ..pipelines.teacher import (
+    ode_trajectory_bidirectional,
+    ode_trajectory_blockwise_kv,
+    ode_trajectory_teacher_forcing,
+)
 from ..schedulers.flow import flow_grid
 from .common import Conditioner
 from .trainer import DistInfo, resolve_device

@@ -13,7 +13,8 @@ uninterrupted run.
 
 Distributed: launched with torchrun, the trainer initialises the process group (NCCL on CUDA, gloo on CPU)
 and wraps trainable networks for data parallelism (gradients averaged across ranks after each backward) or FSDP2
-(``torch.distributed.fsdp.fully_shard``, one unit per transformer block). FSDP checkpoints are per-rank shards (resume with the same world size); exports gather
+(``torch.distributed.fsdp.fully_shard``, one unit per transformer block). FSDP checkpoints are per-rank shards
+(resume with the same world size); exports gather
 full weights.
 """
 from __future__ import annotations

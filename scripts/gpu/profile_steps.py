@@ -89,7 +89,7 @@ def main() -> None:
                       shard_size=64)
         for B in (8, 128):
             stream = BatchStream(LatentDataset(d, max_frames=9), max(1, B // a.scale), seed=0)
-            ms = time_it(lambda: stream.next(), torch.device("cpu"), a.steps)
+            ms = time_it(stream.next, torch.device("cpu"), a.steps)
             print(f"{'latent batch loader (9 frames)':<44} B={max(1, B // a.scale):<4}              {ms:8.1f} ms/batch")
 
 
