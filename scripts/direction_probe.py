@@ -104,12 +104,28 @@ def pair_summary(a: list, b: list) -> str:
             f"{differ} move differently")
 
 
+def contrast_flow(model, ctx, neg, rev, guidance: float, contrast_scale: float):
+    """v_neg + g·(v_c − v_neg) [+ h·(v_c − v_reversed)], every frame at t = 1000·σ, bidirectional attention."""
+    import torch
+
+    from causal_forcing.models.attention import Bidirectional
+    from causal_forcing.pipelines.teacher import cfg_combine
+
+    def flow(x: torch.Tensor, sigma: float) -> torch.Tensor:
+        t = torch.full(x.shape[:2], 1000.0 * sigma)
+        v_c = model(x, t, ctx, layout=Bidirectional())
+        v = cfg_combine(v_c, model(x, t, neg, layout=Bidirectional()), guidance)
+        if contrast_scale:
+            v = v + contrast_scale * (v_c.float() - model(x, t, rev, layout=Bidirectional()).float())
+        return v
+    return flow
+
+
 def contrast(args: argparse.Namespace) -> None:
     import torch
 
     from causal_forcing.eval import shapesbench
-    from causal_forcing.eval.models import _pixels_to_uint8, load_model_folder
-    from causal_forcing.models.attention import Bidirectional
+    from causal_forcing.eval.models import EvalSettings, _pixels_to_uint8, load_model_folder
     from causal_forcing.models.small_vae import load_vae
     from causal_forcing.models.text import build_text_encoder
     from causal_forcing.pipelines.teacher import integrate, sample_autoregressive, solver_sigmas
@@ -119,9 +135,11 @@ def contrast(args: argparse.Namespace) -> None:
     model = load_model_folder(args.weights)
     vae = load_vae(args.vae)
     text = build_text_encoder("minilm", text_len=model.config.text_len)
-    hw = (64 // vae.spatial_factor,) * 2
+    defaults = EvalSettings()                                # the evaluation's clip length and shift
+    frames = 1 + (defaults.frames - 1) // 4
     reports = []
     for batch in single_moving_prompts(args.manifest, args.n):
+        hw = (batch[0].get("size", 64) // vae.spatial_factor,) * 2
         captions = [e["caption"] for e in batch]
         ctx = text.encode(captions).float()
         rev = text.encode([reverse_direction(c) for c in captions]).float()
@@ -129,22 +147,16 @@ def contrast(args: argparse.Namespace) -> None:
         gen = torch.Generator().manual_seed(args.seed)          # the same noise for both lists
         with torch.no_grad():
             if args.kind == "autoregressive":
-                lat = sample_autoregressive(model, ctx, neg, num_frames=21, latent_hw=hw, block_size=args.block_size,
-                                            steps=args.steps, shift=5.0, guidance=args.guidance, generator=gen)
+                lat = sample_autoregressive(model, ctx, neg, num_frames=frames, latent_hw=hw,
+                                            block_size=args.block_size, steps=args.steps, shift=defaults.shift,
+                                            guidance=args.guidance, generator=gen)
             else:
-                def flow(x: torch.Tensor, sigma: float, ctx=ctx, neg=neg, rev=rev) -> torch.Tensor:
-                    t = torch.full(x.shape[:2], 1000.0 * sigma)
-                    v_c = model(x, t, ctx, layout=Bidirectional()).float()
-                    v_n = model(x, t, neg, layout=Bidirectional()).float()
-                    v = v_n + args.guidance * (v_c - v_n)
-                    if args.contrast:
-                        v = v + args.contrast * (v_c - model(x, t, rev, layout=Bidirectional()).float())
-                    return v
-                x = torch.randn((len(batch), 21, model.config.in_dim, *hw), generator=gen)
-                lat = integrate(flow, x, solver_sigmas("unipc", args.steps, 5.0), "unipc").float()
-            frames = _pixels_to_uint8(vae.decode(lat))
-        clips = [shapesbench.score_clip(c, e["caption"]) for c, e in zip(frames, batch)]
-        reports.append(shapesbench.report(clips, [], kind=args.kind))
+                x = torch.randn((len(batch), frames, model.config.in_dim, *hw), generator=gen)
+                flow = contrast_flow(model, ctx, neg, rev, args.guidance, args.contrast)
+                lat = integrate(flow, x, solver_sigmas("unipc", args.steps, defaults.shift), "unipc").float()
+            clips = _pixels_to_uint8(vae.decode(lat))
+        reports.append(shapesbench.report([shapesbench.score_clip(c, e["caption"]) for c, e in zip(clips, batch)],
+                                          kind=args.kind))
     a, b = (motion_rows(r["clips"]) for r in reports)
     scores = " / ".join(f"{r['in_distribution']['total']:.3f}" for r in reports)
     print(f"{args.weights} negative={args.negative} g={args.guidance} h={args.contrast}: {pair_summary(a, b)}; "
