@@ -34,6 +34,11 @@ class ModelConfig:
     qk_norm: bool = True
     cross_attn_norm: bool = True
     eps: float = 1e-6
+    # Not part of Wan: > 0 adds a learned absolute 2-D position embedding of the token grid (canvas-relative
+    # sin/cos features with this many frequencies per axis, projected by a zero-initialised linear layer), so the
+    # network can place content by absolute position from pure noise, which RoPE alone (relative) makes hard.
+    # 0 (default) is exactly Wan's architecture and key layout.
+    abs_pos_freqs: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
@@ -47,6 +52,8 @@ class ModelConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"{name} must be a positive int, got {v!r}")
+        if not isinstance(self.abs_pos_freqs, int) or isinstance(self.abs_pos_freqs, bool) or self.abs_pos_freqs < 0:
+            raise ConfigError(f"abs_pos_freqs must be a non-negative int, got {self.abs_pos_freqs!r}")
         if self.dim % self.num_heads:
             raise ConfigError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
         if self.head_dim % 2:

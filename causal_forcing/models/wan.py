@@ -8,6 +8,9 @@ Parameter names are exactly those of the original Wan release (``patch_embedding
 Tensor layouts: latents are [B, F, C, H, W] (frames first), timesteps are [B] or per frame [B, F],
 text embeddings [B, L ≤ text_len, text_dim] (shorter prompts are zero-padded to text_len, as in Wan).
 The network predicts the flow v = ε − x0.
+
+One optional addition that Wan does not have: ``ModelConfig.abs_pos_freqs > 0`` adds an absolute 2-D position
+embedding (``pos_embedding``) to the patch tokens, see :func:`grid_position_features`.
 """
 from __future__ import annotations
 
@@ -32,6 +35,23 @@ def timestep_embedding(t: Tensor, dim: int) -> Tensor:
     freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
     args = torch.outer(t, freqs)
     return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+
+
+def grid_position_features(grid: tuple[int, int], freqs: int, device: torch.device | None = None) -> Tensor:
+    """Canvas-relative sin/cos features of every token of a ``grid`` = (rows, columns): [rows·cols, 4·freqs].
+
+    A token's centre is at u = (i + ½) / rows, v = (j + ½) / cols in (0, 1); the features are sin(πku), cos(πku),
+    sin(πkv), cos(πkv) for k = 1..freqs, so they depend only on where the token sits on the canvas and the same
+    embedding serves every resolution.
+    """
+    gh, gw = grid
+    k = torch.arange(1, freqs + 1, device=device, dtype=torch.float64) * math.pi
+    u = (torch.arange(gh, device=device, dtype=torch.float64) + 0.5) / gh
+    v = (torch.arange(gw, device=device, dtype=torch.float64) + 0.5) / gw
+    fu = torch.cat([torch.sin(u[:, None] * k), torch.cos(u[:, None] * k)], dim=1)        # [gh, 2·freqs]
+    fv = torch.cat([torch.sin(v[:, None] * k), torch.cos(v[:, None] * k)], dim=1)        # [gw, 2·freqs]
+    feats = torch.cat([fu[:, None].expand(gh, gw, -1), fv[None].expand(gh, gw, -1)], dim=2)
+    return feats.reshape(gh * gw, 4 * freqs).float()
 
 
 class RMSNorm(nn.Module):
@@ -172,6 +192,12 @@ class WanDiT(nn.Module):
         self.config = config
         cfg = config
         self.patch_embedding = nn.Conv3d(cfg.in_dim, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        # Optional absolute position embedding (not in Wan); zero-initialised, so adding it to trained weights
+        # leaves the function unchanged until it is trained.
+        self.pos_embedding = nn.Linear(4 * cfg.abs_pos_freqs, cfg.dim) if cfg.abs_pos_freqs else None
+        if self.pos_embedding is not None:
+            nn.init.zeros_(self.pos_embedding.weight)
+            nn.init.zeros_(self.pos_embedding.bias)
         self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"),
                                             nn.Linear(cfg.dim, cfg.dim))
         self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
@@ -196,6 +222,20 @@ class WanDiT(nn.Module):
                     nn.init.normal_(m.weight, std=0.02)
         nn.init.zeros_(self.head.head.weight)
         nn.init.zeros_(self.head.head.bias)
+        if self.pos_embedding is not None:
+            nn.init.zeros_(self.pos_embedding.weight)
+            nn.init.zeros_(self.pos_embedding.bias)
+
+    def added_state(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``state_dict`` completed with this model's own zero-initialised values for the entries of modules
+        that are not part of Wan (``pos_embedding``) and that the given weights lack; every other key untouched.
+
+        Lets weights trained without the position embedding initialise a model that has it (fine-tuning).
+        """
+        if self.pos_embedding is None:
+            return dict(state_dict)
+        own = {f"pos_embedding.{k}": v for k, v in self.pos_embedding.state_dict().items()}
+        return {**{k: torch.zeros_like(v) for k, v in own.items() if k not in state_dict}, **state_dict}
 
     # ---- helpers ---------------------------------------------------------------------------------------
     def token_grid(self, latent_hw: tuple[int, int]) -> tuple[int, int]:
@@ -231,8 +271,14 @@ class WanDiT(nn.Module):
         return self.text_embedding(context)
 
     def _patchify(self, x: Tensor) -> Tensor:
-        """[B, F, C, H, W] → tokens [B, F·H'·W', D]."""
-        return self.patch_embedding(x.transpose(1, 2)).flatten(2).transpose(1, 2)
+        """[B, F, C, H, W] → tokens [B, F·H'·W', D] (plus the absolute position embedding, if configured)."""
+        p = self.patch_embedding(x.transpose(1, 2))                     # [B, D, F', H', W']
+        if self.pos_embedding is not None:
+            gh, gw = p.shape[-2:]
+            feats = grid_position_features((gh, gw), self.config.abs_pos_freqs, p.device).to(p.dtype)
+            pos = self.pos_embedding(feats)                             # [H'·W', D]
+            p = p + pos.t().reshape(1, -1, 1, gh, gw)
+        return p.flatten(2).transpose(1, 2)
 
     def _unpatchify(self, tokens: Tensor, num_frames: int, grid: tuple[int, int]) -> Tensor:
         """Head outputs [B, L, pt·ph·pw·C] → [B, F, C, H, W]."""

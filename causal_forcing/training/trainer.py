@@ -187,8 +187,18 @@ class Trainer:
 
     # ---- declaring networks and data ----------------------------------------------------------------
     def load_init(self, module: nn.Module, path: str, *, ema: bool = False) -> None:
-        """Load weights (any supported format) strictly into ``module``."""
+        """Load weights (any supported format) strictly into ``module``.
+
+        Modules the model has beyond Wan's (the optional ``pos_embedding``) and the weights lack start from their
+        zero initialisation, so a model trained without them can be fine-tuned with them.
+        """
         state, _ = load_dit_weights(path, ema=ema)
+        if hasattr(module, "added_state"):
+            added = [k for k in module.added_state(state) if k not in state]
+            if added:
+                if self.dist.is_main:
+                    print(f"{path} has no {', '.join(added)}: zero-initialised")
+                state = module.added_state(state)
         load_into(module, state)
 
     def add_trainable(self, name: str, module: nn.Module, *, lr: float | None = None,
