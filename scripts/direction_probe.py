@@ -19,6 +19,19 @@
         (zeros) or the caption with the direction reversed, and (bidirectional only) an extra contrast term
         h·(v_cond − v_reversed) is added to v_neg + g·(v_cond − v_neg): does amplifying the direction word help?
 
+    python scripts/direction_probe.py prior --manifest TRAIN.jsonl
+        how much the start position gives the direction away in the training data (the world draws the start so
+        that no bounce happens in the first 16 frames): the fraction of moving objects that move away from the
+        nearer wall, and the fraction moving right/down in each fifth of the canvas (by the object's centre).
+
+    python scripts/direction_probe.py placement --weights DIR --kind KIND [--vae DIR] [--n 96] [--seed 1000]
+        N single-object moving prompts in the canonical form (in-distribution combinations, a fixed random
+        draw), 17 frames: of the objects moving along the caption's axis, the fraction with the caption's sign
+        and the fraction moving away from the nearer wall; and, of all, the fraction whose frame-0 centre lies on
+        the side the caption's direction implies (left half for "right", top half for "down" ...). A model that
+        places frame 0 by the caption scores well above 0.5 there; one that ignores the word scores 0.5 and then
+        moves away from the wall it happens to start near.
+
     python scripts/direction_probe.py data --latents SHARD.safetensors --vae DIR [--clips 32]
         whether the training data carries the direction: for each clip with a direction word, is the stored
         caption embedding closer to its own caption than to the caption with the direction reversed; and the
@@ -193,6 +206,72 @@ def sensitivity(args: argparse.Namespace) -> None:
               + f"; time reversal {rev:.3f}")
 
 
+def prior(args: argparse.Namespace) -> None:
+    from causal_forcing.data.shapes import SIZES
+    moving = away = 0
+    bins: dict[int, list[int]] = {}
+    for line in Path(args.manifest).read_text().splitlines():
+        if not line.strip():
+            continue
+        for obj in json.loads(line)["objects"]:
+            motion = obj["motion"]
+            if motion not in OPPOSITE:
+                continue
+            centre = (obj["x0"] if motion in ("left", "right") else obj["y0"]) + SIZES[obj["size"]] / 2
+            positive = motion in ("right", "down")
+            moving += 1
+            away += positive == (centre < 0.5)
+            b = bins.setdefault(min(int(centre * 5), 4), [0, 0])
+            b[0] += 1
+            b[1] += positive
+    print(f"{args.manifest}: {moving} moving objects, {away / moving:.3f} move away from the nearer wall")
+    for k in sorted(bins):
+        n, pos = bins[k]
+        print(f"  centre in [{k / 5:.1f}, {(k + 1) / 5:.1f}): {n} objects, {pos / n:.2f} moving right/down")
+
+
+def placement(args: argparse.Namespace) -> None:
+    import itertools
+
+    import numpy as np
+    import torch
+
+    from causal_forcing.data.shapes import COLORS, SHAPES, SIZES, ObjectAttrs
+    from causal_forcing.eval.models import EvalSettings, _pixels_to_uint8, generate_latents, load_model_folder
+    from causal_forcing.models.small_vae import load_vae
+    from causal_forcing.models.text import build_text_encoder
+
+    model = load_model_folder(args.weights)
+    vae = load_vae(args.vae)
+    text = build_text_encoder("minilm", text_len=model.config.text_len)
+    combos = [ObjectAttrs(size, color, shape, motion) for size, color, shape, motion
+              in itertools.product(SIZES, COLORS, SHAPES, OPPOSITE)]
+    combos = [a for a in combos if not a.held_out]
+    chosen = [combos[i] for i in np.random.default_rng(0).permutation(len(combos))[:args.n]]
+    settings = EvalSettings(kind=args.kind, block_size=args.block_size)
+    rows = []
+    for start in range(0, len(chosen), args.batch_size):
+        batch = chosen[start:start + args.batch_size]
+        ctx = text.encode([a.phrase for a in batch]).float()
+        lat = generate_latents(model, ctx, torch.zeros_like(ctx), settings, 5, (8, 8), args.seed + start)
+        with torch.no_grad():
+            mask = (_pixels_to_uint8(vae.decode(lat)).max(-1) > 60).astype(np.float64)   # [B, 17, H, W]
+        h, w = mask.shape[2:]
+        count = np.maximum(mask.sum((2, 3)), 1)
+        cy = (mask * np.arange(h)[:, None]).sum((2, 3)) / count
+        cx = (mask * np.arange(w)).sum((2, 3)) / count
+        for i, a in enumerate(batch):
+            along, across, extent = (cx, cy, w) if a.motion in ("left", "right") else (cy, cx, h)
+            rows.append({"sign": 1 if a.motion in ("right", "down") else -1, "start": along[i, 0] / (extent - 1),
+                         "moved": along[i, 16] - along[i, 0], "off": across[i, 16] - across[i, 0]})
+    on_axis = [r for r in rows if abs(r["moved"]) > max(abs(r["off"]), 2.0)]
+    sign = np.mean([np.sign(r["moved"]) == r["sign"] for r in on_axis])
+    away = np.mean([np.sign(r["moved"]) == (1 if r["start"] < 0.5 else -1) for r in on_axis])
+    side = np.mean([(r["start"] < 0.5) == (r["sign"] > 0) for r in rows])
+    print(f"{args.weights}: {len(rows)} prompts, {len(on_axis)} move along the caption's axis: right sign {sign:.2f}, "
+          f"away from the nearer wall {away:.2f}; frame 0 on the side the caption implies {side:.2f}")
+
+
 def data(args: argparse.Namespace) -> None:
     import torch
     from safetensors import safe_open
@@ -260,8 +339,19 @@ def main() -> None:
     d.add_argument("--latents", required=True)
     d.add_argument("--vae", default="shapes")
     d.add_argument("--clips", type=int, default=32)
+    pr = sub.add_parser("prior")
+    pr.add_argument("--manifest", required=True, help="the training manifest of `data shapes`")
+    pl = sub.add_parser("placement")
+    pl.add_argument("--weights", required=True)
+    pl.add_argument("--kind", choices=("causal", "autoregressive", "bidirectional"), required=True)
+    pl.add_argument("--block-size", type=int, default=1)
+    pl.add_argument("--vae", default="shapes")
+    pl.add_argument("--n", type=int, default=96)
+    pl.add_argument("--batch-size", type=int, default=24)
+    pl.add_argument("--seed", type=int, default=1000)
     args = p.parse_args()
-    {"data": lambda: data(args), "confusion": lambda: confusion(args.scores), "pairs": lambda: pairs(args),
+    {"data": lambda: data(args), "prior": lambda: prior(args), "placement": lambda: placement(args),
+     "confusion": lambda: confusion(args.scores), "pairs": lambda: pairs(args),
      "contrast": lambda: contrast(args),
      "sensitivity": lambda: sensitivity(args)}[args.cmd]()
 

@@ -305,3 +305,18 @@ def test_time_limit_stops_like_max_steps_and_resumes(dataset, tmp_path, monkeypa
     run_stage("bidirectional", None, _args(dataset, part, 4), resume=True)
     a, b = _weights(full), _weights(part)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fine_tune_adds_the_position_embedding(dataset, tmp_path):
+    """Weights trained without ``abs_pos_freqs`` initialise a model with it (the new module zero-initialised, see
+    test_abs_pos); the run trains it and exports our folder format, not the released .pt (whose layout has no such
+    weights)."""
+    run_stage("bidirectional", None, _args(dataset, tmp_path / "base", 2))
+    base = tmp_path / "base" / "final"
+    run_stage("bidirectional", None, _args(dataset, tmp_path / "pos", 3, **{
+        "train.init": base, "model.overrides.abs_pos_freqs": 2}))
+    tuned = _weights(tmp_path / "pos")
+    assert tuned["pos_embedding.weight"].shape == (64, 8)
+    assert tuned["pos_embedding.weight"].abs().max() > 0           # trained away from its zero init
+    assert not (tmp_path / "pos" / "final" / "model.pt").exists()
+    assert (tmp_path / "base" / "final" / "model.pt").exists()

@@ -427,7 +427,8 @@ class Trainer:
                 continue
             config = tr.raw.config
             save_model_folder(raw, config, final)
-            save_released_pt(final / "model.pt", generator=raw, generator_ema=ema)
+            if not getattr(config, "abs_pos_freqs", 0):   # the released layout has no position embedding
+                save_released_pt(final / "model.pt", generator=raw, generator_ema=ema)
             if ema is not None:
                 save_model_folder(ema, config, self.out / "final_ema")
         self._barrier()
