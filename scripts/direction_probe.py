@@ -32,6 +32,11 @@
         places frame 0 by the caption scores well above 0.5 there; one that ignores the word scores 0.5 and then
         moves away from the wall it happens to start near.
 
+    python scripts/direction_probe.py next-frame --weights DIR --latents SHARD.safetensors [--vae DIR] [--clips 24]
+        an AR (teacher-forcing) model given the real latent frame 0 of single-object moving training clips and
+        pure noise for latent frame 1: is its prediction of frame 1 moved the clip's way, with the true caption
+        and with the direction reversed? (Displacement of the decoded object between pixel frames 0 and 4.)
+
     python scripts/direction_probe.py data --latents SHARD.safetensors --vae DIR [--clips 32]
         whether the training data carries the direction: for each clip with a direction word, is the stored
         caption embedding closer to its own caption than to the caption with the direction reversed; and the
@@ -272,6 +277,54 @@ def placement(args: argparse.Namespace) -> None:
           f"away from the nearer wall {away:.2f}; frame 0 on the side the caption implies {side:.2f}")
 
 
+def next_frame(args: argparse.Namespace) -> None:
+    import numpy as np
+    import torch
+    from safetensors import safe_open
+
+    from causal_forcing.eval.models import _pixels_to_uint8, load_model_folder
+    from causal_forcing.models.attention import TeacherForcing
+    from causal_forcing.models.small_vae import load_vae
+    from causal_forcing.models.text import build_text_encoder
+
+    model = load_model_folder(args.weights)
+    vae = load_vae(args.vae)
+    text = build_text_encoder("minilm", text_len=model.config.text_len)
+    with safe_open(args.latents, "pt") as f:
+        records = json.loads(f.metadata()["records"])
+        latents = f.get_tensor("latents").float()[:, :2]
+    chosen = [i for i, r in enumerate(records) if len(r["objects"]) == 1 and r["objects"][0]["motion"] in OPPOSITE]
+    chosen = chosen[:args.clips]
+    x0 = latents[chosen]
+    motions = [records[i]["objects"][0]["motion"] for i in chosen]
+    captions = [records[i]["canonical"] for i in chosen]
+
+    def along_true_direction(lat: torch.Tensor) -> np.ndarray:
+        with torch.no_grad():
+            mask = (_pixels_to_uint8(vae.decode(lat)).max(-1) > 60).astype(np.float64)     # [B, 5, H, W]
+        h, w = mask.shape[2:]
+        count = np.maximum(mask.sum((2, 3)), 1)
+        cy = (mask * np.arange(h)[:, None]).sum((2, 3)) / count
+        cx = (mask * np.arange(w)).sum((2, 3)) / count
+        moved = {"right": cx[:, -1] - cx[:, 0], "down": cy[:, -1] - cy[:, 0]}
+        return np.array([moved["right" if m in ("left", "right") else "down"][i] * (1 if m in ("right", "down") else -1)
+                         for i, m in enumerate(motions)])
+
+    truth = along_true_direction(x0)
+    print(f"{args.weights}: {len(chosen)} clips; the data moves {truth.mean():.2f} px the caption's way by frame 4")
+    noise = torch.randn(x0[:, 1:].shape, generator=torch.Generator().manual_seed(args.seed))
+    xt = torch.cat([x0[:, :1], noise], dim=1)
+    t = torch.tensor([0.0, 1000.0]).expand(len(chosen), 2)
+    for name, caps in (("true caption", captions),
+                       ("reversed caption", [reverse_direction(c) for c in captions])):
+        with torch.no_grad():
+            flow = model(xt, t, text.encode(caps).float(), layout=TeacherForcing(1), clean_x=x0)
+        pred = torch.cat([x0[:, :1], noise - flow[:, 1:]], dim=1)        # x0 = x_t − σ·v at σ = 1
+        moved = along_true_direction(pred)
+        print(f"  {name}: predicted frame 1 moves the clip's true way in {(moved > 0).mean():.2f} "
+              f"(mean {moved.mean():.2f} px)")
+
+
 def data(args: argparse.Namespace) -> None:
     import torch
     from safetensors import safe_open
@@ -339,6 +392,12 @@ def main() -> None:
     d.add_argument("--latents", required=True)
     d.add_argument("--vae", default="shapes")
     d.add_argument("--clips", type=int, default=32)
+    nf = sub.add_parser("next-frame")
+    nf.add_argument("--weights", required=True)
+    nf.add_argument("--latents", required=True)
+    nf.add_argument("--vae", default="shapes")
+    nf.add_argument("--clips", type=int, default=24)
+    nf.add_argument("--seed", type=int, default=0)
     pr = sub.add_parser("prior")
     pr.add_argument("--manifest", required=True, help="the training manifest of `data shapes`")
     pl = sub.add_parser("placement")
@@ -351,6 +410,7 @@ def main() -> None:
     pl.add_argument("--seed", type=int, default=1000)
     args = p.parse_args()
     {"data": lambda: data(args), "prior": lambda: prior(args), "placement": lambda: placement(args),
+     "next-frame": lambda: next_frame(args),
      "confusion": lambda: confusion(args.scores), "pairs": lambda: pairs(args),
      "contrast": lambda: contrast(args),
      "sensitivity": lambda: sensitivity(args)}[args.cmd]()

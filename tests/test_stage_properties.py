@@ -267,9 +267,11 @@ def test_short_run_lowers_the_fixed_draw_loss_and_export_drives_the_sampler(run,
 # ---------------------------------------------------------------------------------------------------------
 # Stage 1: AR diffusion by teacher forcing
 # ---------------------------------------------------------------------------------------------------------
-def test_ar_diffusion_loss_is_weighted_flow_mse_with_ground_truth_clean_context(root, clean, teachers):
-    tr = make_trainer("ar-diffusion", root / "ar_loss", f"data.path={clean}", f"train.init={teachers['ar']}",
-                      "data.batch_size=3", "stage.block_size=2")
+@pytest.mark.parametrize("early", [None, (1, 3.0)])
+def test_ar_diffusion_loss_is_weighted_flow_mse_with_ground_truth_clean_context(root, clean, teachers, early):
+    extra = [] if early is None else [f"stage.early_frames={early[0]}", f"stage.early_weight={early[1]}"]
+    tr = make_trainer("ar-diffusion", root / f"ar_loss_{early is None}", f"data.path={clean}",
+                      f"train.init={teachers['ar']}", "data.batch_size=3", "stage.block_size=2", *extra)
     calls = Calls(tr.stage.model)
     losses, batches = capture_step(tr)
     calls.remove()
@@ -287,7 +289,12 @@ def test_ar_diffusion_loss_is_weighted_flow_mse_with_ground_truth_clean_context(
     sigma = (t.double() / 1000)[..., None, None, None]
     target = (call.x.double() - x0.double()) / sigma
     per_frame = (call.out.double() - target).pow(2).mean(dim=(2, 3, 4))
-    expected = (bsmntw(t, 5.0) * per_frame).mean()
+    # Optional frame weights: the first frames count early_weight times as much, weights normalised to mean 1.
+    frame_w = torch.ones(F, dtype=torch.float64)
+    if early is not None:
+        frame_w[:early[0]] = early[1]
+        frame_w = frame_w * F / frame_w.sum()
+    expected = (bsmntw(t, 5.0) * per_frame * frame_w).mean()
     assert losses["generator"].item() == pytest.approx(expected.item(), rel=1e-4)
 
 

@@ -29,6 +29,11 @@ class Config:
     loss_weighting: Literal["bsmntw", "none"] = "bsmntw"
     cond_dropout: float = 0.0          # probability of training a sample unconditionally (for CFG later)
     context_noise_max_t: float = 0.0   # noise augmentation of the clean context: t_ctx ~ U[0, max] per block
+    # The loss of the first ``early_frames`` latent frames counts ``early_weight`` times as much as that of the
+    # others (frame weights normalised to mean 1 over the clip). The first frames are where a caption's direction
+    # must be read (later frames follow the motion already on screen); 0 / 1.0 = plain mean.
+    early_frames: int = 0
+    early_weight: float = 1.0
     attn_backend: Literal["auto", "sdpa", "flex", "flash"] = "auto"
 
     def validate(self) -> None:
@@ -38,6 +43,10 @@ class Config:
             raise ConfigError("stage.cond_dropout must be in [0, 1)")
         if not 0.0 <= self.context_noise_max_t <= 1000.0:
             raise ConfigError("stage.context_noise_max_t must be in [0, 1000]")
+        if self.early_frames < 0:
+            raise ConfigError("stage.early_frames must be >= 0")
+        if not self.early_weight > 0.0:
+            raise ConfigError("stage.early_weight must be > 0")
 
 
 class DiffusionStage:
@@ -75,7 +84,7 @@ class DiffusionStage:
         with tr.autocast():
             flow = self.model(xt, t, ctx, **kwargs)
         per_frame = (flow.float() - (eps - x0)).pow(2).mean(dim=(2, 3, 4))
-        loss = (per_frame * loss_weights(k, s.loss_weighting, s.shift)).mean()
+        loss = (per_frame * loss_weights(k, s.loss_weighting, s.shift) * frame_weights(F, s, per_frame)).mean()
         metrics = tr.optimize("generator", loss)
         return {"loss": loss.item(), **metrics}
 
@@ -83,6 +92,13 @@ class DiffusionStage:
     def sample(self, tr: Any) -> None:
         """Periodic samples + ShapesBench scores (``train.sample_every``): many-step CFG sampling."""
         sample_and_score(tr, "autoregressive" if self.causal else "bidirectional")
+
+
+def frame_weights(num_frames: int, s: Config, like: torch.Tensor) -> torch.Tensor:
+    """[F] loss weights: ``early_weight`` for the first ``early_frames`` frames, 1 after, normalised to mean 1."""
+    w = torch.ones(num_frames, dtype=like.dtype, device=like.device)
+    w[:s.early_frames] = s.early_weight
+    return w / w.mean()
 
 
 def _blockwise(v: torch.Tensor, block: int) -> torch.Tensor:
