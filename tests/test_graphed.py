@@ -132,9 +132,14 @@ def test_settings_follow_the_stage_config():
                              "optim.min_lr_ratio=0.1"])
     s = settings_from_stage_config("ar-diffusion", cfg)
     assert (s.block_size, s.init, s.batch, s.min_lr) == (3, "TEACHER", cfg.data.batch_size, pytest.approx(3e-5))
+    cfg = load_stage_config("ar-diffusion", CONFIGS / "ar_diffusion.yaml",
+                            ["model.overrides.abs_pos_freqs=4", "stage.early_frames=5", "stage.early_weight=4"])
+    s = settings_from_stage_config("ar-diffusion", cfg)
+    assert (s.abs_pos_freqs, s.early_frames, s.early_weight) == (4, 5, 4.0)
     for stage, over, what in (("ar-diffusion", ["stage.loss_weighting=bsmntw"], "loss_weighting"),
                               ("ar-diffusion", ["stage.context_noise_max_t=100"], "context_noise"),
-                              ("bidirectional", ["optim.schedule=linear"], "linear")):
+                              ("bidirectional", ["optim.schedule=linear"], "linear"),
+                              ("bidirectional", ["model.overrides.dim=32"], "overrides")):
         cfg = load_stage_config(stage, CONFIGS / "ar_diffusion.yaml", over)
         with pytest.raises(Err, match=what):
             settings_from_stage_config(stage, cfg)
@@ -157,3 +162,39 @@ def test_recipe_trains_the_teachers_with_the_graphed_trainer(tmp_path):
         assert (tmp_path / "runs" / run / "final_ema" / "model.safetensors").exists()
     ar = json.loads((tmp_path / "runs" / "ar_framewise" / "settings.json").read_text())
     assert ar["init"] == str(tmp_path / "runs" / "bidirectional" / "final_ema")
+
+
+def test_early_frame_weights_and_position_embedding(tmp_path):
+    """--early-frames/--early-weight: loss = mean over (B, F) of w_f · mean_CHW (v̂ − (ε − x0))², first frames weighted,
+    w normalised to mean 1 (truth: recomputed from the model's inputs and output, ε − x0 = (x_t − x0) / σ);
+    --abs-pos-freqs adds the position embedding to an init without it and exports it."""
+    clip, ctx = _one_clip_dataset(tmp_path / "data")          # every sample is the same clip: x0 is known
+    base = Settings(data=str(tmp_path / "data"), out=str(tmp_path / "base"), max_steps=2, preset="tiny", batch=2,
+                    log_every=1, save_every=0)
+    GraphedTrainer(base, CPU).run(log=lambda *_: None)
+    s = Settings(data=str(tmp_path / "data"), out=str(tmp_path / "run"), max_steps=3, preset="tiny", batch=3,
+                 block_size=1, init=str(tmp_path / "base" / "final"), abs_pos_freqs=2, early_frames=1,
+                 early_weight=3.0, log_every=1, save_every=0)
+    tr = GraphedTrainer(s, CPU)
+    assert tr.model.pos_embedding is not None
+    calls = []
+    real = tr.model.forward
+
+    def spy(x, t, c, **kw):
+        out = real(x, t, c, **kw)
+        calls.append((x.detach(), t.detach(), out.detach()))
+        return out
+
+    tr.model.forward = spy
+    loss = tr._loss().item()
+    (xt, t, out), = calls
+    sigma = (t.double() / 1000)[..., None, None, None]
+    per_frame = (out.double() - (xt.double() - clip.double()) / sigma).pow(2).mean(dim=(2, 3, 4))
+    w = torch.tensor([3.0, 1.0, 1.0, 1.0], dtype=torch.float64)
+    assert loss == pytest.approx((per_frame * w / w.mean()).mean().item(), rel=1e-4)
+    tr.model.forward = real
+    tr.run(log=lambda *_: None)
+    state, cfg = load_dit_weights(tmp_path / "run" / "final")
+    assert cfg.abs_pos_freqs == 2 and state["pos_embedding.weight"].abs().max() > 0
+    assert main(["--data", str(tmp_path / "data"), "--out", str(tmp_path / "x"), "--max-steps", "1",
+                 "--early-weight", "0"]) == 2

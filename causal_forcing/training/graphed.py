@@ -55,6 +55,9 @@ class Settings:
     block_size: int = 0            # 0: bidirectional; N >= 1: teacher forcing with blocks of N latent frames
     init: str | None = None        # model folder to start from (else the preset, randomly initialised)
     preset: str = "shapes"
+    abs_pos_freqs: int = 0         # > 0: the model gets the absolute position embedding (added to an init without it)
+    early_frames: int = 0          # the loss of the first N latent frames counts early_weight times (mean-1 weights)
+    early_weight: float = 1.0
     batch: int = 64
     lr: float = 1e-3
     min_lr: float = 1e-4           # the cosine ends here
@@ -82,13 +85,16 @@ class Settings:
             raise InputError("--cond-dropout must be in [0, 1)")
         if not 0 <= self.min_lr <= self.lr:
             raise InputError("need 0 <= --min-lr <= --lr")
+        if self.abs_pos_freqs < 0 or self.early_frames < 0 or not self.early_weight > 0:
+            raise InputError("need --abs-pos-freqs >= 0, --early-frames >= 0 and --early-weight > 0")
 
 
 def settings_from_stage_config(stage: str, cfg) -> Settings:
     """Graphed-trainer settings equal to a ``bidirectional`` / ``ar-diffusion`` stage config (the recipe's
     ``--graphed-teachers``): same data, init, batch, optimiser, EMA, timestep shift and CFG dropout; the run stops
     at ``train.time_limit`` seconds or ``train.max_steps``, whichever comes first. What this trainer does not do
-    (loss weighting, context noise, a linear or delayed decay, a non-dataset text encoder) is an error."""
+    (timestep loss weighting, context noise, a linear or delayed decay, a non-dataset text encoder, model overrides
+    other than ``abs_pos_freqs``) is an error."""
     s, o, t, d = cfg.stage, cfg.optim, cfg.train, cfg.data
     if stage not in ("bidirectional", "ar-diffusion"):
         raise InputError(f"the graphed trainer runs the bidirectional and ar-diffusion stages, not {stage!r}")
@@ -97,13 +103,15 @@ def settings_from_stage_config(stage: str, cfg) -> Settings:
                    (o.schedule == "linear" or o.decay_start > 0, "a linear or delayed learning-rate decay"),
                    (d.text_encoder != "dataset", f"data.text_encoder={d.text_encoder}"),
                    (t.distributed != "none", f"train.distributed={t.distributed}"),
-                   (bool(cfg.model.overrides), "model.overrides (use a preset)")]
+                   (bool(set(cfg.model.overrides) - {"abs_pos_freqs"}),
+                    "model.overrides other than abs_pos_freqs (use a preset)")]
     bad = [what for cond, what in unsupported if cond]
     if bad:
         raise InputError(f"the graphed trainer does not support {bad[0]}")
     return Settings(data=d.path, out=t.out_dir, seconds=t.time_limit, max_steps=t.max_steps, frames=d.max_frames,
                     block_size=s.block_size if stage == "ar-diffusion" else 0, init=t.init or None,
-                    preset=cfg.model.preset, batch=d.batch_size, lr=o.lr,
+                    preset=cfg.model.preset, abs_pos_freqs=int(cfg.model.overrides.get("abs_pos_freqs", 0)),
+                    early_frames=s.early_frames, early_weight=s.early_weight, batch=d.batch_size, lr=o.lr,
                     min_lr=o.lr * o.min_lr_ratio if o.schedule == "cosine" else o.lr, warmup=o.warmup_steps,
                     betas=tuple(o.betas), weight_decay=o.weight_decay, grad_clip=o.grad_clip, ema=cfg.ema.decay,
                     ema_start=cfg.ema.start_step, shift=s.shift, cond_dropout=s.cond_dropout, seed=t.seed,
@@ -133,10 +141,13 @@ def load_latents(folder: str | Path, frames: int, device: torch.device) -> tuple
 def build_model(s: Settings, device: torch.device) -> WanDiT:
     if s.init:
         state, config = load_dit_weights(s.init)
-        model = WanDiT(config or model_preset(s.preset))
-        load_into(model, state)
+        config = config or model_preset(s.preset)
+        if s.abs_pos_freqs:
+            config = config.replace(abs_pos_freqs=s.abs_pos_freqs)
+        model = WanDiT(config)
+        load_into(model, model.added_state(state))
     else:
-        model = WanDiT(model_preset(s.preset))
+        model = WanDiT(model_preset(s.preset).replace(abs_pos_freqs=s.abs_pos_freqs))
         model.init_weights()
     model.attn_backend = "sdpa"   # plain SDPA calls capture into a graph; FlexAttention would compile inside it
     return model.to(device).train()
@@ -186,7 +197,12 @@ class GraphedTrainer:
             flow = self.model(xt, t, ctx, layout=TeacherForcing(s.block_size), clean_x=x0)
         else:
             flow = self.model(xt, t, ctx, layout=Bidirectional())
-        return (flow.float() - (eps - x0)).pow(2).mean()
+        per_frame = (flow.float() - (eps - x0)).pow(2).mean(dim=(2, 3, 4))
+        if s.early_frames:
+            w = torch.ones(F, device=dev)
+            w[:s.early_frames] = s.early_weight
+            per_frame = per_frame * (w / w.mean())
+        return per_frame.mean()
 
     def _step(self) -> None:
         loss = self._loss()
@@ -320,7 +336,7 @@ class GraphedTrainer:
 
     def load_checkpoint(self, path: Path) -> tuple[int, float]:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        keep = ("data", "frames", "block_size", "batch", "preset")
+        keep = ("data", "frames", "block_size", "batch", "preset", "abs_pos_freqs")
         old = state["settings"]
         changed = [k for k in keep if old.get(k) != getattr(self.s, k)]
         if changed:
@@ -365,6 +381,10 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     p.add_argument("--init", default=None, help="model folder to start from")
     p.add_argument("--preset", default=d.preset)
+    p.add_argument("--abs-pos-freqs", type=int, default=d.abs_pos_freqs,
+                   help="add the absolute position embedding (not in Wan) with this many frequencies per axis")
+    p.add_argument("--early-frames", type=int, default=d.early_frames)
+    p.add_argument("--early-weight", type=float, default=d.early_weight)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt when it exists")
     p.add_argument("--no-graph", dest="graph", action="store_false", help="train eagerly on CUDA too")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
