@@ -11,7 +11,8 @@
 #   scripts/gpu/teachers.sh WORK_DIR OUT_DIR [BUDGET_SECONDS [INIT_MODEL_FOLDER]]
 #
 # INIT_MODEL_FOLDER (e.g. artifacts/shapes_recipe_gpu/runs/bidirectional/final_ema) continues an earlier teacher
-# instead of training the short-clip part from scratch.
+# instead of training the short-clip part from scratch. TEACHER_EXTRA (environment) is passed to every teacher run,
+# e.g. TEACHER_EXTRA="--abs-pos-freqs 4 --early-frames 5 --early-weight 4" (docs/results.md, "the direction sign").
 set -uo pipefail
 W=$1; O=$2; BUDGET=${3:-500}; INIT=${4:-}
 T0=$(date +%s)
@@ -28,7 +29,7 @@ $R --until data || exit 1
 python3 scripts/gpu/minilm_transport.py check /tmp/cf_site "$W/data/train/manifest.jsonl" || exit 1
 $R --until encode || exit 1
 echo "STEP data+encode $(( $(date +%s) - T0 )) s, $(left) s left"
-G="python3 -m causal_forcing.training.graphed --data $W/latents"
+G="python3 -m causal_forcing.training.graphed --data $W/latents ${TEACHER_EXTRA:-}"
 pack() { tar -C "$W/runs" -cf "$O/$1.tar" "$1/final" "$1/final_ema" "$1/metrics.jsonl" "$1/settings.json" "$1/summary.json"; }
 EV="python3 -m causal_forcing eval model --manifest $W/data/eval/manifest.jsonl --vae $W/vae --device cuda --batch-size 50"
 
