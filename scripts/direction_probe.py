@@ -22,7 +22,8 @@
     python scripts/direction_probe.py prior --manifest TRAIN.jsonl
         how much the start position gives the direction away in the training data (the world draws the start so
         that no bounce happens in the first 16 frames): the fraction of moving objects that move away from the
-        nearer wall, and the fraction moving right/down in each fifth of the canvas (by the object's centre).
+        nearer wall, the fraction moving right/down in each fifth of the canvas (by the object's centre), and how
+        often a frame-to-frame step goes the caption's way (after frame 15 objects bounce off the walls).
 
     python scripts/direction_probe.py placement --weights DIR --kind KIND [--vae DIR] [--n 96] [--seed 1000]
         N single-object moving prompts in the canonical form (in-distribution combinations, a fixed random
@@ -212,13 +213,17 @@ def sensitivity(args: argparse.Namespace) -> None:
 
 
 def prior(args: argparse.Namespace) -> None:
-    from causal_forcing.data.shapes import SIZES
+    import numpy as np
+
+    from causal_forcing.data.shapes import SIZES, ObjectParams, positions
     moving = away = 0
     bins: dict[int, list[int]] = {}
+    agree: list[np.ndarray] = []
     for line in Path(args.manifest).read_text().splitlines():
         if not line.strip():
             continue
-        for obj in json.loads(line)["objects"]:
+        entry = json.loads(line)
+        for obj in entry["objects"]:
             motion = obj["motion"]
             if motion not in OPPOSITE:
                 continue
@@ -229,7 +234,13 @@ def prior(args: argparse.Namespace) -> None:
             b = bins.setdefault(min(int(centre * 5), 4), [0, 0])
             b[0] += 1
             b[1] += positive
+            xs, ys = positions(ObjectParams.from_dict(obj), entry["size"], entry["frames"])
+            step = np.diff((xs if motion in ("left", "right") else ys).astype(np.float64))
+            agree.append((np.sign(step) == (1 if positive else -1)) | (step == 0))
     print(f"{args.manifest}: {moving} moving objects, {away / moving:.3f} move away from the nearer wall")
+    a = np.mean(agree, axis=0)
+    print(f"  frame-to-frame steps the caption's way: frames 0-15 {a[:15].mean():.2f}, 16-39 {a[16:40].mean():.2f}, "
+          f"40-{len(a) - 1} {a[40:].mean():.2f}, whole clip {a.mean():.2f}")
     for k in sorted(bins):
         n, pos = bins[k]
         print(f"  centre in [{k / 5:.1f}, {(k + 1) / 5:.1f}): {n} objects, {pos / n:.2f} moving right/down")
