@@ -107,16 +107,22 @@ def test_dmd_stage_and_exact_resume(work, teachers):
     assert all("critic_loss" in x for x in lines)
 
 
-def test_dmd_generator_gradient_is_normalised_score_difference():
-    """Spec §14: ∂loss/∂x = (x0_fake − x0_real) / mean|x − x0_real| / numel."""
+@pytest.mark.parametrize("score_layout", ["bidirectional", "teacher_forcing"])
+def test_dmd_generator_gradient_is_normalised_score_difference(score_layout):
+    """Spec §14: ∂loss/∂x = (x0_fake − x0_real) / mean|x − x0_real| / numel. With ``score_layout:
+    teacher_forcing`` both scores also get the rollout itself as the clean history (an AR teacher as real score)."""
+    from causal_forcing.models.attention import TeacherForcing
     from causal_forcing.training.dmd import Stage
+
+    seen = []
 
     class Const(torch.nn.Module):
         def __init__(self, v):
             super().__init__()
             self.v = v
 
-        def forward(self, x, t, ctx):
+        def forward(self, x, t, ctx, **kw):
+            seen.append(kw)
             return self.v.expand_as(x)
 
     class Tr:
@@ -125,7 +131,9 @@ def test_dmd_generator_gradient_is_normalised_score_difference():
 
         class cfg:
             class stage:
-                shift, t_min, t_max, guidance = 5.0, 20.0, 980.0, 3.0
+                shift, t_min, t_max, guidance, block_size = 5.0, 20.0, 980.0, 3.0, 1
+
+        cfg.stage.score_layout = score_layout
 
         def randint(self, lo, hi, shape):
             return torch.randint(lo, hi, shape, generator=self.gen)
@@ -160,6 +168,12 @@ def test_dmd_generator_gradient_is_normalised_score_difference():
     x0_real = x0_c + 3.0 * (x0_c - x0_c)
     expected = (x0_fake - x0_real) / (x.detach() - x0_real).abs().mean() / x.numel()
     assert torch.allclose(x.grad, expected, atol=1e-6)
+    assert len(seen) == 3                                          # fake, real conditional, real unconditional
+    for kw in seen:
+        if score_layout == "bidirectional":
+            assert kw == {}
+        else:
+            assert kw["layout"] == TeacherForcing(1) and torch.equal(kw["clean_x"], x.detach())
 
 
 def test_ode_data_default_keep_points_are_the_four_step_timesteps():

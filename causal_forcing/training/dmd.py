@@ -6,6 +6,8 @@
 * Real score R: a frozen bidirectional teacher, with CFG x0_real = x0_c + g·(x0_c − x0_u) (g = 3 is standard
   CFG 4, the reference's convention).
 * Fake score F (critic): a bidirectional network trained on the generator's samples by flow matching.
+  (``stage.score_layout: teacher_forcing`` makes both scores causal instead: an AR teacher as real score, each
+  noised frame seeing the rollout's clean frames before it; not in the paper.)
 * Iteration s: a generator update when s % update_ratio == 0, then always a critic update; each draws its own
   prompts and rollout. EMA of the generator from ``ema.start_step``.
 Generator loss: grad = (x0_fake − x0_real) / mean|x − x0_real| per sample, loss = ½‖x − sg(x − grad)‖² (float64),
@@ -23,6 +25,7 @@ import torch.distributed as dist
 from ..checkpoints import load_dit_weights, load_into
 from ..data.latents import LatentDataset, PromptDataset
 from ..errors import ConfigError
+from ..models.attention import TeacherForcing
 from ..models.wan import WanDiT
 from ..pipelines.streaming import CausalStream, SeededNoise, StreamConfig
 from ..pipelines.teacher import cfg_combine
@@ -52,6 +55,10 @@ class Config:
     t_max: float = 980.0
     commit_t: float = 0.0                 # context noise of the rollout's cache refresh
     same_step_across_blocks: bool = True
+    # How both scores see a noised rollout: "bidirectional" (the paper: full attention, a bidirectional teacher),
+    # or "teacher_forcing" (an AR teacher as real score: frame k noised, attending to the rollout's own clean
+    # frames before it, as in stage-1 training; the critic likewise) — an experiment beyond the paper.
+    score_layout: Literal["bidirectional", "teacher_forcing"] = "bidirectional"
     attn_backend: Literal["auto", "sdpa", "flex", "flash"] = "auto"
 
     def validate(self) -> None:
@@ -153,13 +160,21 @@ class Stage:
         eps = tr.randn(tuple(x.shape))
         return t, sigma, eps, add_noise(x.detach(), eps, sigma)
 
+    def _score_kwargs(self, tr: Any, x: torch.Tensor) -> dict[str, Any]:
+        """Extra forward arguments of both scores: none (bidirectional), or the rollout as clean history."""
+        s = tr.cfg.stage
+        if s.score_layout == "teacher_forcing":
+            return {"layout": TeacherForcing(s.block_size), "clean_x": x.detach()}
+        return {}
+
     def generator_loss(self, tr: Any, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
         s = tr.cfg.stage
         t, sigma, _, xt = self._noised(tr, x)
+        kw = self._score_kwargs(tr, x)
         with torch.no_grad(), tr.autocast():
-            x0_fake = flow_to_x0(xt, self.fake(xt, t, ctx).float(), sigma)
-            x0_c = flow_to_x0(xt, self.real(xt, t, ctx).float(), sigma)
-            x0_u = flow_to_x0(xt, self.real(xt, t, self.cond.negative(ctx)).float(), sigma)
+            x0_fake = flow_to_x0(xt, self.fake(xt, t, ctx, **kw).float(), sigma)
+            x0_c = flow_to_x0(xt, self.real(xt, t, ctx, **kw).float(), sigma)
+            x0_u = flow_to_x0(xt, self.real(xt, t, self.cond.negative(ctx), **kw).float(), sigma)
             x0_real = cfg_combine(x0_c, x0_u, s.guidance, "cond_plus")
             norm = (x.detach() - x0_real).abs().mean(dim=(1, 2, 3, 4), keepdim=True)
             grad = torch.nan_to_num((x0_fake - x0_real) / norm)
@@ -169,7 +184,7 @@ class Stage:
     def critic_loss(self, tr: Any, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
         t, _, eps, xt = self._noised(tr, x)
         with tr.autocast():
-            flow = self.fake(xt, t, ctx)
+            flow = self.fake(xt, t, ctx, **self._score_kwargs(tr, x))
         return (flow.float() - (eps - x.detach())).pow(2).mean()
 
     def sample(self, tr: Any) -> None:
