@@ -38,6 +38,10 @@
         pure noise for latent frame 1: is its prediction of frame 1 moved the clip's way, with the true caption
         and with the direction reversed? (Displacement of the decoded object between pixel frames 0 and 4.)
 
+    python scripts/direction_probe.py frame-loss --latents SHARD.safetensors WEIGHTS...
+        the teacher-forcing flow loss of AR models on the first 32 clips of a latent shard (random σ per frame,
+        fixed draws), split into frame 0, frames 1-4 and frames 5-20: a fit check, not a benchmark.
+
     python scripts/direction_probe.py data --latents SHARD.safetensors --vae DIR [--clips 32]
         whether the training data carries the direction: for each clip with a direction word, is the stored
         caption embedding closer to its own caption than to the caption with the direction reversed; and the
@@ -336,6 +340,32 @@ def next_frame(args: argparse.Namespace) -> None:
               f"(mean {moved.mean():.2f} px)")
 
 
+def frame_loss(args: argparse.Namespace) -> None:
+    import torch
+    from safetensors import safe_open
+
+    from causal_forcing.eval.models import load_model_folder
+    from causal_forcing.models.attention import TeacherForcing
+
+    with safe_open(args.latents, "pt") as f:
+        latents, context = f.get_tensor("latents").float()[:32], f.get_tensor("context").float()[:32]
+    g = torch.Generator().manual_seed(0)
+    eps = torch.randn(latents.shape, generator=g)
+    sigma = torch.rand(latents.shape[:2], generator=g)
+    for weights in args.weights:
+        model = load_model_folder(weights)
+        losses = []
+        with torch.no_grad():
+            for i in range(0, len(latents), 8):
+                x0, e, s = latents[i:i + 8], eps[i:i + 8], sigma[i:i + 8]
+                xt = (1 - s[..., None, None, None]) * x0 + s[..., None, None, None] * e
+                flow = model(xt, s * 1000, context[i:i + 8], layout=TeacherForcing(1), clean_x=x0)
+                losses.append((flow - (e - x0)).pow(2).mean(dim=(2, 3, 4)))
+        loss = torch.cat(losses)
+        print(f"{weights}: frame 0 {loss[:, 0].mean():.4f}, frames 1-4 {loss[:, 1:5].mean():.4f}, "
+              f"frames 5+ {loss[:, 5:].mean():.4f}")
+
+
 def data(args: argparse.Namespace) -> None:
     import torch
     from safetensors import safe_open
@@ -403,6 +433,9 @@ def main() -> None:
     d.add_argument("--latents", required=True)
     d.add_argument("--vae", default="shapes")
     d.add_argument("--clips", type=int, default=32)
+    fl = sub.add_parser("frame-loss")
+    fl.add_argument("--latents", required=True)
+    fl.add_argument("weights", nargs="+")
     nf = sub.add_parser("next-frame")
     nf.add_argument("--weights", required=True)
     nf.add_argument("--latents", required=True)
@@ -421,7 +454,7 @@ def main() -> None:
     pl.add_argument("--seed", type=int, default=1000)
     args = p.parse_args()
     {"data": lambda: data(args), "prior": lambda: prior(args), "placement": lambda: placement(args),
-     "next-frame": lambda: next_frame(args),
+     "next-frame": lambda: next_frame(args), "frame-loss": lambda: frame_loss(args),
      "confusion": lambda: confusion(args.scores), "pairs": lambda: pairs(args),
      "contrast": lambda: contrast(args),
      "sensitivity": lambda: sensitivity(args)}[args.cmd]()
