@@ -216,6 +216,22 @@ def sensitivity(args: argparse.Namespace) -> None:
               + f"; time reversal {rev:.3f}")
 
 
+def decoded_centroids(vae, latents):
+    """Decode latents and return the centroid of the non-black pixels per frame: (cx, cy) [B, T] each, and (h, w)."""
+    import numpy as np
+    import torch
+
+    from causal_forcing.eval.models import _pixels_to_uint8
+
+    with torch.no_grad():
+        mask = (_pixels_to_uint8(vae.decode(latents)).max(-1) > 60).astype(np.float64)   # [B, T, H, W]
+    h, w = mask.shape[2:]
+    count = np.maximum(mask.sum((2, 3)), 1)
+    cy = (mask * np.arange(h)[:, None]).sum((2, 3)) / count
+    cx = (mask * np.arange(w)).sum((2, 3)) / count
+    return cx, cy, (h, w)
+
+
 def prior(args: argparse.Namespace) -> None:
     import numpy as np
 
@@ -257,7 +273,7 @@ def placement(args: argparse.Namespace) -> None:
     import torch
 
     from causal_forcing.data.shapes import COLORS, SHAPES, SIZES, ObjectAttrs
-    from causal_forcing.eval.models import EvalSettings, _pixels_to_uint8, generate_latents, load_model_folder
+    from causal_forcing.eval.models import EvalSettings, generate_latents, load_model_folder
     from causal_forcing.models.small_vae import load_vae
     from causal_forcing.models.text import build_text_encoder
 
@@ -269,17 +285,13 @@ def placement(args: argparse.Namespace) -> None:
     combos = [a for a in combos if not a.held_out]
     chosen = [combos[i] for i in np.random.default_rng(0).permutation(len(combos))[:args.n]]
     settings = EvalSettings(kind=args.kind, block_size=args.block_size)
+    hw = (64 // vae.spatial_factor,) * 2                      # ShapesBench's 64-pixel canvas
     rows = []
     for start in range(0, len(chosen), args.batch_size):
         batch = chosen[start:start + args.batch_size]
         ctx = text.encode([a.phrase for a in batch]).float()
-        lat = generate_latents(model, ctx, torch.zeros_like(ctx), settings, 5, (8, 8), args.seed + start)
-        with torch.no_grad():
-            mask = (_pixels_to_uint8(vae.decode(lat)).max(-1) > 60).astype(np.float64)   # [B, 17, H, W]
-        h, w = mask.shape[2:]
-        count = np.maximum(mask.sum((2, 3)), 1)
-        cy = (mask * np.arange(h)[:, None]).sum((2, 3)) / count
-        cx = (mask * np.arange(w)).sum((2, 3)) / count
+        lat = generate_latents(model, ctx, torch.zeros_like(ctx), settings, 5, hw, args.seed + start)   # 17 frames
+        cx, cy, (h, w) = decoded_centroids(vae, lat)
         for i, a in enumerate(batch):
             along, across, extent = (cx, cy, w) if a.motion in ("left", "right") else (cy, cx, h)
             rows.append({"sign": 1 if a.motion in ("right", "down") else -1, "start": along[i, 0] / (extent - 1),
@@ -297,7 +309,7 @@ def next_frame(args: argparse.Namespace) -> None:
     import torch
     from safetensors import safe_open
 
-    from causal_forcing.eval.models import _pixels_to_uint8, load_model_folder
+    from causal_forcing.eval.models import load_model_folder
     from causal_forcing.models.attention import TeacherForcing
     from causal_forcing.models.small_vae import load_vae
     from causal_forcing.models.text import build_text_encoder
@@ -315,12 +327,7 @@ def next_frame(args: argparse.Namespace) -> None:
     captions = [records[i]["canonical"] for i in chosen]
 
     def along_true_direction(lat: torch.Tensor) -> np.ndarray:
-        with torch.no_grad():
-            mask = (_pixels_to_uint8(vae.decode(lat)).max(-1) > 60).astype(np.float64)     # [B, 5, H, W]
-        h, w = mask.shape[2:]
-        count = np.maximum(mask.sum((2, 3)), 1)
-        cy = (mask * np.arange(h)[:, None]).sum((2, 3)) / count
-        cx = (mask * np.arange(w)).sum((2, 3)) / count
+        cx, cy, _ = decoded_centroids(vae, lat)
         moved = {"right": cx[:, -1] - cx[:, 0], "down": cy[:, -1] - cy[:, 0]}
         return np.array([moved["right" if m in ("left", "right") else "down"][i] * (1 if m in ("right", "down") else -1)
                          for i, m in enumerate(motions)])

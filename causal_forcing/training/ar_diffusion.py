@@ -18,8 +18,8 @@ from ..errors import ConfigError
 from ..models.attention import Bidirectional, TeacherForcing
 from ..schedulers.flow import add_noise
 from .sampling import sample_and_score
-from .common import (Conditioner, block_grid_indices, build_dit, data_stream, drop_condition, grid_t_sigma,
-                     loss_weights)
+from .common import (Conditioner, block_grid_indices, build_dit, data_stream, drop_condition,
+                     early_frame_weights, grid_t_sigma, loss_weights)
 
 
 @dataclass
@@ -84,7 +84,9 @@ class DiffusionStage:
         with tr.autocast():
             flow = self.model(xt, t, ctx, **kwargs)
         per_frame = (flow.float() - (eps - x0)).pow(2).mean(dim=(2, 3, 4))
-        loss = (per_frame * loss_weights(k, s.loss_weighting, s.shift) * frame_weights(F, s, per_frame)).mean()
+        weights = loss_weights(k, s.loss_weighting, s.shift) * early_frame_weights(F, s.early_frames, s.early_weight,
+                                                                                     per_frame)
+        loss = (per_frame * weights).mean()
         metrics = tr.optimize("generator", loss)
         return {"loss": loss.item(), **metrics}
 
@@ -92,13 +94,6 @@ class DiffusionStage:
     def sample(self, tr: Any) -> None:
         """Periodic samples + ShapesBench scores (``train.sample_every``): many-step CFG sampling."""
         sample_and_score(tr, "autoregressive" if self.causal else "bidirectional")
-
-
-def frame_weights(num_frames: int, s: Config, like: torch.Tensor) -> torch.Tensor:
-    """[F] loss weights: ``early_weight`` for the first ``early_frames`` frames, 1 after, normalised to mean 1."""
-    w = torch.ones(num_frames, dtype=like.dtype, device=like.device)
-    w[:s.early_frames] = s.early_weight
-    return w / w.mean()
 
 
 def _blockwise(v: torch.Tensor, block: int) -> torch.Tensor:

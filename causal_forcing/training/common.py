@@ -95,6 +95,13 @@ def loss_weights(k: Tensor, weighting: str, shift: float) -> Tensor:
     raise ConfigError(f"unknown loss weighting {weighting!r} (use 'bsmntw' or 'none')")
 
 
+def early_frame_weights(num_frames: int, early_frames: int, early_weight: float, like: Tensor) -> Tensor:
+    """[F] loss weights: ``early_weight`` for the first ``early_frames`` frames, 1 after, normalised to mean 1."""
+    w = torch.ones(num_frames, dtype=like.dtype, device=like.device)
+    w[:early_frames] = early_weight
+    return w / w.mean()
+
+
 def dmd_timesteps(trainer: Any, batch: int, shift: float, t_min: float = 20.0, t_max: float = 980.0) -> Tensor:
     """DMD / critic timesteps: u ~ U{0..999}, t = 1000·shift(u/1000), clamped to [t_min, t_max] (float32)."""
     u = trainer.randint(0, 1000, (batch,)).to(torch.float32)

@@ -41,6 +41,7 @@ from ..errors import InputError
 from ..models.attention import Bidirectional, TeacherForcing
 from ..models.wan import WanDiT
 from ..schedulers.flow import add_noise, training_grid
+from .common import early_frame_weights
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -198,11 +199,7 @@ class GraphedTrainer:
         else:
             flow = self.model(xt, t, ctx, layout=Bidirectional())
         per_frame = (flow.float() - (eps - x0)).pow(2).mean(dim=(2, 3, 4))
-        if s.early_frames:
-            w = torch.ones(F, device=dev)
-            w[:s.early_frames] = s.early_weight
-            per_frame = per_frame * (w / w.mean())
-        return per_frame.mean()
+        return (per_frame * early_frame_weights(F, s.early_frames, s.early_weight, per_frame)).mean()
 
     def _step(self) -> None:
         loss = self._loss()

@@ -194,11 +194,11 @@ class Trainer:
         """
         state, _ = load_dit_weights(path, ema=ema)
         if hasattr(module, "added_state"):
-            added = [k for k in module.added_state(state) if k not in state]
-            if added:
-                if self.dist.is_main:
-                    print(f"{path} has no {', '.join(added)}: zero-initialised")
-                state = module.added_state(state)
+            completed = module.added_state(state)
+            added = [k for k in completed if k not in state]
+            if added and self.dist.is_main:
+                print(f"{path} has no {', '.join(added)}: zero-initialised")
+            state = completed
         load_into(module, state)
 
     def add_trainable(self, name: str, module: nn.Module, *, lr: float | None = None,
