@@ -217,6 +217,8 @@ def test_attention_backends_agree_with_dense_mask(layout):
     ref = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          attn_mask=mask).transpose(1, 2)
     assert (attention(q, k, v, plan, "sdpa") - ref).abs().max() < 1e-5
+    assert (attention(q, k, v, plan, "masked") - ref).abs().max() < 1e-5
+    assert (attention(q, k, v, plan, "auto") - ref).abs().max() < 1e-5   # on a CPU: masked for short sequences
     try:
         from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
     except ImportError:
@@ -227,6 +229,23 @@ def test_attention_backends_agree_with_dense_mask(layout):
     again = build_plan(layout, frames, S)
     assert plan_block_mask(again, q.device) is plan_block_mask(plan, q.device)
     assert (attention(q, k, v, again, "flex") - ref).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("layout", [BlockCausal(1), TeacherForcing(2)])
+def test_masked_and_segmented_attention_have_the_same_gradients(layout):
+    """The one-call masked backend (what "auto" picks on a CPU for short sequences) and the segmented SDPA
+    backend are two computations of the same function: equal outputs and equal input gradients."""
+    plan = build_plan(layout, 5, 3)
+    g = torch.Generator().manual_seed(1)
+    base = [torch.randn(2, plan.length, 2, 8, generator=g) for _ in range(3)]
+    w = torch.randn(2, plan.length, 2, 8, generator=g)
+    grads = {}
+    for name in ("sdpa", "masked"):
+        qkv = [t.clone().requires_grad_(True) for t in base]
+        (attention(*qkv, plan, name) * w).sum().backward()
+        grads[name] = [t.grad for t in qkv]
+    for a, b in zip(grads["sdpa"], grads["masked"]):
+        assert (a - b).abs().max() < 1e-5
 
 
 def test_teacher_forcing_mask_matches_spec():

@@ -29,6 +29,7 @@ from causal_forcing.models.small_vae import (
     latent_frames_for,
     load_vae,
     pixel_frames_for,
+    upsample2x,
 )
 from causal_forcing.training import vae as vae_stage
 from causal_forcing.training.config import load_config
@@ -113,6 +114,25 @@ def test_streaming_decode_equals_one_shot(tiny: SmallVAE, blocks: list[int]) -> 
         start += size
         assert stream.latent_frames_decoded == start and stream.pixel_frames_decoded == pixel_frames_for(start)
     torch.testing.assert_close(torch.cat(parts, dim=1), whole, rtol=0, atol=1e-5)
+
+
+def test_upsample_equals_nearest_interpolation() -> None:
+    x = torch.randn(3, 5, 4, 7)
+    assert torch.equal(upsample2x(x), torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def test_large_batches_decode_in_parts_with_the_same_result(tiny: SmallVAE, monkeypatch) -> None:
+    """Truth: each video decoded on its own; `decode` of the batch, split into calls of 2 videos, agrees."""
+    import causal_forcing.models.small_vae as small_vae
+    torch.manual_seed(2)
+    latents = torch.randn(5, 3, 16, 2, 2)
+    alone = torch.cat([tiny.decode(latents[i:i + 1]) for i in range(5)])
+    monkeypatch.setattr(small_vae, "DECODE_FRAMES_PER_CALL", 2 * 4 * 3)
+    calls, decode_block = [], small_vae.SmallStreamingDecoder.decode_block
+    monkeypatch.setattr(small_vae.SmallStreamingDecoder, "decode_block",
+                        lambda self, z: calls.append(len(z)) or decode_block(self, z))
+    torch.testing.assert_close(tiny.decode(latents), alone, rtol=0, atol=1e-6)
+    assert calls == [2, 2, 1]
 
 
 def test_streaming_carries_history_and_resets(shipped: SmallVAE) -> None:

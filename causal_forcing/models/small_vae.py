@@ -54,10 +54,13 @@ __all__ = [
     "latent_frames_for",
     "load_vae",
     "pixel_frames_for",
+    "upsample2x",
 ]
 
 SPATIAL_FACTOR = 8
 """Pixels per latent cell along height and width (as for Wan2.1)."""
+DECODE_FRAMES_PER_CALL = 96
+"""`SmallVAE.decode` splits a batch into calls of about this many pixel frames (at least one video each)."""
 CLASS_NAME = "SmallVAE"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -183,11 +186,18 @@ class TGrow(nn.Module):
         return y.view(n, t * self.stride, c, h, w)
 
 
+def upsample2x(x: Tensor) -> Tensor:
+    """Nearest-neighbour x2 upsampling of `[N, C, H, W]`: the same values as `F.interpolate(x, scale_factor=2,
+    mode="nearest")`, as a broadcast copy (about 3x faster on a CPU for the decoder's large frame batches)."""
+    n, c, h, w = x.shape
+    return x[:, :, :, None, :, None].expand(n, c, h, 2, w, 2).reshape(n, c, 2 * h, 2 * w)
+
+
 class _Upsample(nn.Module):
     """Nearest-neighbour x2 upsampling of a frame batch."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.interpolate(x, scale_factor=2.0, mode="nearest")
+        return upsample2x(x)
 
 
 class AlphaHead(nn.Module):
@@ -203,7 +213,7 @@ class AlphaHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         alpha = torch.sigmoid(self.alpha(x))
-        color = F.interpolate(self.color(x), scale_factor=2.0, mode="nearest")
+        color = upsample2x(self.color(x))
         return alpha * (color + 1.0) - 1.0
 
 
@@ -375,7 +385,15 @@ class SmallVAE(nn.Module):
         return SmallStreamingDecoder(self)
 
     def decode(self, latents: Tensor) -> Tensor:
-        """Normalised latents `[B, F, C, h, w]` -> pixels `[B, 1 + 4(F-1), 3, 8h, 8w]` clamped to [-1, 1]."""
+        """Normalised latents `[B, F, C, h, w]` -> pixels `[B, 1 + 4(F-1), 3, 8h, 8w]` clamped to [-1, 1].
+
+        A large batch is decoded a few videos at a time (videos are independent, so the numbers are the same):
+        on a CPU one call over thousands of frames is about twice as slow, its activations falling out of cache."""
+        if latents.ndim == 5 and latents.shape[0] > 1:
+            per_call = max(1, DECODE_FRAMES_PER_CALL // (TEMPORAL_FACTOR * latents.shape[1]))
+            if per_call < latents.shape[0]:
+                return torch.cat([self.streaming_decoder().decode_block(part)
+                                  for part in latents.split(per_call)])
         return self.streaming_decoder().decode_block(latents)
 
     # ---- files ----------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import torch
 
 from ..data.latents import LatentDataset
 from ..errors import ConfigError
-from ..models.attention import Bidirectional, TeacherForcing
+from ..models.attention import Backend, Bidirectional, TeacherForcing
 from ..schedulers.flow import add_noise
 from .sampling import sample_and_score
 from .common import (Conditioner, block_grid_indices, build_dit, data_stream, drop_condition,
@@ -34,7 +34,7 @@ class Config:
     # must be read (later frames follow the motion already on screen); 0 / 1.0 = plain mean.
     early_frames: int = 0
     early_weight: float = 1.0
-    attn_backend: Literal["auto", "sdpa", "flex", "flash"] = "auto"
+    attn_backend: Backend = "auto"
 
     def validate(self) -> None:
         if self.block_size < 1:

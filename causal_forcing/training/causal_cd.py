@@ -10,14 +10,14 @@ All timesteps stay float32 (the reference's bf16 timesteps distort Δt).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch.func import functional_call
 
 from ..data.latents import LatentDataset
 from ..errors import ConfigError
-from ..models.attention import TeacherForcing
+from ..models.attention import Backend, TeacherForcing
 from ..pipelines.teacher import cfg_combine
 from ..schedulers.flow import add_noise, euler_step, flow_grid, flow_to_x0
 from .sampling import sample_and_score
@@ -32,7 +32,7 @@ class Config:
     shift: float = 5.0
     guidance: float = 3.0          # standard CFG scale of the teacher step
     target_decay: float = 0.99     # EMA decay of the target network (from step 0)
-    attn_backend: Literal["auto", "sdpa", "flex", "flash"] = "auto"
+    attn_backend: Backend = "auto"
 
     def validate(self) -> None:
         if self.grid_steps < 2 or self.block_size < 1:

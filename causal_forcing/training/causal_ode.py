@@ -15,7 +15,7 @@ import torch
 
 from ..data.latents import LatentDataset
 from ..errors import ConfigError
-from ..models.attention import BlockCausal, TeacherForcing
+from ..models.attention import Backend, BlockCausal, TeacherForcing
 from ..schedulers.flow import flow_to_x0
 from .sampling import sample_and_score
 from .common import Conditioner, build_dit, data_stream
@@ -25,7 +25,7 @@ from .common import Conditioner, build_dit, data_stream
 class Config:
     block_size: int = 1
     mode: Literal["causal", "self-forcing"] = "causal"
-    attn_backend: Literal["auto", "sdpa", "flex", "flash"] = "auto"
+    attn_backend: Backend = "auto"
     num_points: int = 4      # trajectory entries used as inputs (the few-step list); the rest are targets
 
     def validate(self) -> None:

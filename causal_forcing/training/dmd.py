@@ -25,7 +25,7 @@ import torch.distributed as dist
 from ..checkpoints import load_dit_weights, load_into
 from ..data.latents import LatentDataset, PromptDataset
 from ..errors import ConfigError
-from ..models.attention import TeacherForcing
+from ..models.attention import Backend, TeacherForcing
 from ..models.wan import WanDiT
 from ..pipelines.streaming import CausalStream, SeededNoise, StreamConfig
 from ..pipelines.teacher import cfg_combine
@@ -59,7 +59,7 @@ class Config:
     # or "teacher_forcing" (an AR teacher as real score: frame k noised, attending to the rollout's own clean
     # frames before it, as in stage-1 training; the critic likewise) — an experiment beyond the paper.
     score_layout: Literal["bidirectional", "teacher_forcing"] = "bidirectional"
-    attn_backend: Literal["auto", "sdpa", "flex", "flash"] = "auto"
+    attn_backend: Backend = "auto"
 
     def validate(self) -> None:
         if not self.real_score:
