@@ -92,7 +92,8 @@ def test_parallel_run_respects_needs_and_the_job_limit(tmp_path):
     run at once, independent steps do overlap, and every step runs exactly once."""
     recipe = ShapesRecipe(tmp_path, seeds=1, train_seeds=2, quick=True)
     events = []
-    recipe.run(log=lambda m: None, jobs=3, launch=lambda step: _FakeStep(step, events, False), poll_s=0.005)
+    recipe.run(log=lambda m: None, jobs=3, launch=lambda step, slots: _FakeStep(step, events, False),
+               poll_s=0.005)
     ended = {name: t for kind, name, t in events if kind == "end"}
     started = {name: t for kind, name, t in events if kind == "start"}
     assert sorted(started) == sorted(s.name for s in recipe.steps) == sorted(ended)
@@ -106,12 +107,48 @@ def test_parallel_run_respects_needs_and_the_job_limit(tmp_path):
     assert set(recipe.steps[-1].after) == {s.name for s in recipe.steps[:-1]}   # the report waits for all
 
 
+def test_a_step_everything_waits_for_gets_every_core(tmp_path):
+    """With --jobs 2 the teachers, which every later step needs, run alone on both shares of the cores; steps that
+    can overlap get one share each. Property checked: a two-share step never runs beside another step."""
+    recipe = ShapesRecipe(tmp_path, seeds=1, quick=True)
+    events, slots = [], {}
+
+    def launch(step, n):
+        slots[step.name] = n
+        return _FakeStep(step, events, False)
+    recipe.run(log=lambda m: None, jobs=2, launch=launch, poll_s=0.005)
+    wide = {name for name, n in slots.items() if n == 2}
+    assert {"encode", "bidirectional-short", "bidirectional"} <= wide
+    assert slots["ar-framewise"] == slots["ar-chunkwise"] == slots["data"] == 1
+    spans = {name: [t for kind, n, t in events if n == name] for name in slots}
+    for name in wide:
+        t0, t1 = spans[name]
+        assert not any(o != name and s0 < t1 and s1 > t0 for o, (s0, s1) in spans.items()), name
+
+
+
+def test_the_launcher_gives_each_share_its_threads(tmp_path, monkeypatch):
+    """`OMP_NUM_THREADS` of a step's process: cores / jobs for one share, all cores for every share."""
+    import subprocess
+
+    import causal_forcing.recipes.shapes as shapes_recipe
+    seen = []
+    monkeypatch.setattr(subprocess, "Popen", lambda args, env, **kw: seen.append((args, env["OMP_NUM_THREADS"])))
+    monkeypatch.setattr(shapes_recipe.os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
+    recipe = ShapesRecipe(tmp_path, quick=True)
+    launch = recipe._launch(2)
+    launch(recipe.steps[0], 1)
+    launch(recipe.steps[0], 2)
+    assert [threads for _, threads in seen] == ["2", "4"]
+    assert seen[0][0][-2:] == ["--only", recipe.steps[0].name]
+
+
 def test_parallel_run_stops_at_a_failed_step(tmp_path):
     recipe = ShapesRecipe(tmp_path, seeds=1, train_seeds=1, quick=True)
     events = []
     with pytest.raises(InputError, match="recipe steps failed: encode"):
         recipe.run(log=lambda m: None, jobs=2, poll_s=0.005,
-                   launch=lambda step: _FakeStep(step, events, step.name == "encode"))
+                   launch=lambda step, slots: _FakeStep(step, events, step.name == "encode"))
     started = {name for kind, name, _ in events if kind == "start"}
     assert "encode" in started and "bidirectional-short" not in started   # nothing that needs it ran
 

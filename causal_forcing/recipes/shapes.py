@@ -51,7 +51,7 @@ class Step:
 
 class ShapesRecipe:
     def __init__(self, out: str | Path, *, num_clips: int = 6000, workers: int = 2, seeds: int = 3,
-                 train_seeds: int = 3, quick: bool = False, configs: str | Path | None = None,
+                 train_seeds: int = 1, quick: bool = False, configs: str | Path | None = None,
                  graphed_teachers: bool = False):
         self.out = Path(out)
         # The stage settings: configs/shapes (the 2-core CPU budget) unless another preset folder is given, such as
@@ -344,10 +344,11 @@ class ShapesRecipe:
         return steps
 
     def run(self, only: list[str] | None = None, until: str | None = None, log: Callable[[str], None] = print,
-            jobs: int = 1, launch: Callable[[Step], Any] | None = None, poll_s: float = 5.0) -> None:
+            jobs: int = 1, launch: Callable[[Step, int], Any] | None = None, poll_s: float = 5.0) -> None:
         """Run the selected steps that are not done. ``jobs`` > 1 runs independent steps side by side, each in its
         own process (``launch``, default `_launch`) with the machine's cores shared out (DMD runs and evaluations
-        do not keep two threads busy, so two of them side by side take about half the time)."""
+        do not keep two threads busy, so two of them side by side take about half the time); a step that every
+        step left needs, such as a teacher, gets all the cores."""
         self.out.mkdir(parents=True, exist_ok=True)
         steps = self.select(only, until)
         chosen = {s.name for s in steps}
@@ -371,25 +372,38 @@ class ShapesRecipe:
                 f.write(json.dumps({"step": step.name, "seconds": round(time.perf_counter() - t0, 1),
                                     "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
 
-    def _launch(self, jobs: int) -> Callable[[Step], Any]:
-        """One step in a child process (`recipe shapes --only STEP`, same settings), output to ``logs/STEP.log``."""
+    def _launch(self, jobs: int) -> Callable[[Step, int], Any]:
+        """One step in a child process (`recipe shapes --only STEP`, same settings), output to ``logs/STEP.log``,
+        with `slots` of the `jobs` shares of the machine's cores."""
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        threads = str(max(1, cores // jobs))
-        env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
         args = [sys.executable, "-m", "causal_forcing", "recipe", "shapes", "--out", str(self.out),
                 "--num-clips", str(self.num_clips), "--workers", str(self.workers), "--seeds", str(self.seeds),
                 "--train-seeds", str(self.train_seeds), "--configs", str(self.configs),
                 *(["--quick"] if self.quick else []), *(["--graphed-teachers"] if self.graphed_teachers else [])]
 
-        def launch(step: Step) -> subprocess.Popen:
+        def launch(step: Step, slots: int = 1) -> subprocess.Popen:
+            threads = str(max(1, cores * slots // jobs))
+            env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
             logs = self.p("logs")
             logs.mkdir(parents=True, exist_ok=True)
             with open(logs / f"{step.name}.log", "ab") as f:
                 return subprocess.Popen([*args, "--only", step.name], env=env, stdout=f, stderr=subprocess.STDOUT)
         return launch
 
+    def _gates(self, step: Step, others: list[Step], by_name: dict[str, Step]) -> bool:
+        """Whether every step of `others` needs `step`, directly or through other steps (its needs and afters)."""
+        memo: dict[str, bool] = {}
+
+        def needs_it(name: str) -> bool:
+            if name not in memo:
+                memo[name] = False   # no cycles in a plan; this only stops a revisit
+                s = by_name[name]
+                memo[name] = any(n == step.name or needs_it(n) for n in (*s.needs, *s.after))
+            return memo[name]
+        return all(needs_it(o.name) for o in others if o.name != step.name)
+
     def _run_parallel(self, steps: list[Step], by_name: dict[str, Step], jobs: int, log: Callable[[str], None],
-                      launch: Callable[[Step], Any], poll_s: float) -> None:
+                      launch: Callable[[Step, int], Any], poll_s: float) -> None:
         pending = []
         for step in steps:
             if step.output.exists():
@@ -407,8 +421,10 @@ class ShapesRecipe:
                     break
                 if all(by_name[n].output.exists() for n in step.needs) and not waiting.intersection(step.after):
                     pending.remove(step)
-                    log(f"[run ] {step.name}")
-                    running[step.name] = (launch(step), time.perf_counter())
+                    # A step that everything left waits for (the teachers) gets the whole machine, not one share.
+                    slots = jobs if not running and self._gates(step, pending, by_name) else 1
+                    log(f"[run ] {step.name}" + (" (all cores: every step left needs it)" if slots > 1 else ""))
+                    running[step.name] = (launch(step, slots), time.perf_counter())
             if not running:
                 if pending and not failed:
                     raise InputError(f"recipe steps {', '.join(s.name for s in pending)} cannot start: "
