@@ -2,7 +2,7 @@
 
 Every mask this model needs is block-structured at frame granularity: a contiguous run of query tokens
 attends to one or two contiguous runs of key tokens. An ``AttentionPlan`` lists those runs, which lets each
-backend compute exactly the masked attention without ever materialising a dense [L, L] mask:
+backend compute exactly the masked attention, all but ``masked`` without materialising a dense [L, L] mask:
 
 * ``sdpa``  – PyTorch scaled_dot_product_attention per query run, keys gathered from their runs (CPU/CUDA);
 * ``masked`` – one scaled_dot_product_attention call with the plan's dense boolean mask (built once per plan);
