@@ -65,9 +65,11 @@ WAN_DIFFUSERS_RENAMES: tuple[tuple[str, str], ...] = (
     ("blocks.{i}.ffn.2", "blocks.{i}.ffn.net.2"),
     ("head.head", "proj_out"),
     ("head.modulation", "scale_shift_table"),
-    # Not in Wan nor diffusers: this project's optional absolute position embedding (ModelConfig.abs_pos_freqs),
-    # kept under the same name so such models save and load here; exports to other programs refuse it.
+    # Not in Wan nor diffusers: this project's optional absolute position and frame-index embeddings
+    # (ModelConfig.abs_pos_freqs, abs_time_frames), kept under the same names so such models save and load here;
+    # exports to other programs refuse them.
     ("pos_embedding", "pos_embedding"),
+    ("frame_embedding", "frame_embedding"),
 )
 
 # Path segments inserted by training wrappers (FSDP, activation checkpointing, torch.compile); removed anywhere.
@@ -126,7 +128,7 @@ def rename_key(key: str, source: Layout) -> str | None:
 def detect_layout(state_dict: Mapping[str, Any]) -> Layout:
     """Return "wan" or "diffusers": the layout whose key table covers every key of `state_dict`.
 
-    A dict whose keys fit both (only `patch_embedding.*` and `pos_embedding.*` are shared) is reported as "wan".
+    A dict whose keys fit both (only `patch_embedding.*` and the added embeddings are shared) is reported as "wan".
     """
     if not state_dict:
         raise CheckpointError("the state dict is empty")
@@ -184,10 +186,10 @@ _DIFFUSERS_CONFIG_KEYS = frozenset({
 
 def model_config_to_diffusers(config: ModelConfig) -> dict[str, Any]:
     """The `WanTransformer3DModel` constructor arguments (= its config.json, without metadata) for `config`."""
-    if config.abs_pos_freqs:
-        raise CheckpointError("diffusers' WanTransformer3DModel has no absolute position embedding "
-                              f"(this model has abs_pos_freqs={config.abs_pos_freqs}); it cannot be exported to "
-                              "diffusers")
+    if config.beyond_wan:
+        name = config.beyond_wan[0]
+        raise CheckpointError(f"diffusers' WanTransformer3DModel has no counterpart of {name} (this model has "
+                              f"{name}={getattr(config, name)}); it cannot be exported to diffusers")
     return {
         "patch_size": list(config.patch_size),
         "num_attention_heads": config.num_heads,
@@ -586,9 +588,10 @@ def save_released_pt(path: str | Path, *, generator: Mapping[str, torch.Tensor] 
     if generator is None and generator_ema is None:
         raise CheckpointError("save_released_pt needs generator and/or generator_ema")
     for sd in (generator, generator_ema):
-        if sd is not None and any(k.startswith("pos_embedding.") for k in sd):
-            raise CheckpointError("the released Causal Forcing layout has no absolute position embedding "
-                                  "(pos_embedding); this model cannot be exported to it")
+        added = sorted({k.split(".")[0] for k in sd or () if k.startswith(("pos_embedding.", "frame_embedding."))})
+        if added:
+            raise CheckpointError(f"the released Causal Forcing layout has no {added[0]} (an embedding this project "
+                                  "adds to Wan); this model cannot be exported to it")
     checkpoint: dict[str, StateDict] = {}
     for name, sd in (("generator", generator), ("generator_ema", generator_ema)):
         if sd is not None:

@@ -39,6 +39,11 @@ class ModelConfig:
     # network can place content by absolute position from pure noise, which RoPE alone (relative) makes hard.
     # 0 (default) is exactly Wan's architecture and key layout.
     abs_pos_freqs: int = 0
+    # Not part of Wan: > 0 adds a learned embedding of each latent frame's index, clamped to abs_time_frames - 1 (so
+    # streams of any length work: later frames share the last entry), zero-initialised and added to the frame's
+    # time embedding (its AdaLN modulation), so the network can tell the first frames of a clip from later ones,
+    # which RoPE (relative offsets only) does not tell it.
+    abs_time_frames: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
@@ -52,8 +57,10 @@ class ModelConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"{name} must be a positive int, got {v!r}")
-        if not isinstance(self.abs_pos_freqs, int) or isinstance(self.abs_pos_freqs, bool) or self.abs_pos_freqs < 0:
-            raise ConfigError(f"abs_pos_freqs must be a non-negative int, got {self.abs_pos_freqs!r}")
+        for name in ("abs_pos_freqs", "abs_time_frames"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ConfigError(f"{name} must be a non-negative int, got {v!r}")
         if self.dim % self.num_heads:
             raise ConfigError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
         if self.head_dim % 2:
@@ -67,6 +74,11 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.dim // self.num_heads
+
+    @property
+    def beyond_wan(self) -> tuple[str, ...]:
+        """The options set here that Wan's architecture (and every official key layout) does not have."""
+        return tuple(name for name in ("abs_pos_freqs", "abs_time_frames") if getattr(self, name))
 
     @property
     def rope_split(self) -> tuple[int, int, int]:

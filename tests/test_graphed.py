@@ -133,9 +133,10 @@ def test_settings_follow_the_stage_config():
     s = settings_from_stage_config("ar-diffusion", cfg)
     assert (s.block_size, s.init, s.batch, s.min_lr) == (3, "TEACHER", cfg.data.batch_size, pytest.approx(3e-5))
     cfg = load_stage_config("ar-diffusion", CONFIGS / "ar_diffusion.yaml",
-                            ["model.overrides.abs_pos_freqs=4", "stage.early_frames=5", "stage.early_weight=4"])
+                            ["model.overrides.abs_pos_freqs=4", "stage.early_frames=5", "stage.early_weight=4",
+                             "model.overrides.abs_time_frames=6"])
     s = settings_from_stage_config("ar-diffusion", cfg)
-    assert (s.abs_pos_freqs, s.early_frames, s.early_weight) == (4, 5, 4.0)
+    assert (s.abs_pos_freqs, s.abs_time_frames, s.early_frames, s.early_weight) == (4, 6, 5, 4.0)
     for stage, over, what in (("ar-diffusion", ["stage.loss_weighting=bsmntw"], "loss_weighting"),
                               ("ar-diffusion", ["stage.context_noise_max_t=100"], "context_noise"),
                               ("bidirectional", ["optim.schedule=linear"], "linear"),
@@ -173,10 +174,10 @@ def test_early_frame_weights_and_position_embedding(tmp_path):
                     log_every=1, save_every=0)
     GraphedTrainer(base, CPU).run(log=lambda *_: None)
     s = Settings(data=str(tmp_path / "data"), out=str(tmp_path / "run"), max_steps=3, preset="tiny", batch=3,
-                 block_size=1, init=str(tmp_path / "base" / "final"), abs_pos_freqs=2, early_frames=1,
-                 early_weight=3.0, log_every=1, save_every=0)
+                 block_size=1, init=str(tmp_path / "base" / "final"), abs_pos_freqs=2, abs_time_frames=3,
+                 early_frames=1, early_weight=3.0, log_every=1, save_every=0)
     tr = GraphedTrainer(s, CPU)
-    assert tr.model.pos_embedding is not None
+    assert tr.model.pos_embedding is not None and tr.model.frame_embedding is not None
     calls = []
     real = tr.model.forward
 
@@ -196,5 +197,6 @@ def test_early_frame_weights_and_position_embedding(tmp_path):
     tr.run(log=lambda *_: None)
     state, cfg = load_dit_weights(tmp_path / "run" / "final")
     assert cfg.abs_pos_freqs == 2 and state["pos_embedding.weight"].abs().max() > 0
+    assert cfg.abs_time_frames == 3 and state["frame_embedding.weight"].abs().max() > 0
     assert main(["--data", str(tmp_path / "data"), "--out", str(tmp_path / "x"), "--max-steps", "1",
                  "--early-weight", "0"]) == 2

@@ -314,9 +314,10 @@ def test_fine_tune_adds_the_position_embedding(dataset, tmp_path):
     run_stage("bidirectional", None, _args(dataset, tmp_path / "base", 2))
     base = tmp_path / "base" / "final"
     run_stage("bidirectional", None, _args(dataset, tmp_path / "pos", 3, **{
-        "train.init": base, "model.overrides.abs_pos_freqs": 2}))
+        "train.init": base, "model.overrides.abs_pos_freqs": 2, "model.overrides.abs_time_frames": 2}))
     tuned = _weights(tmp_path / "pos")
-    assert tuned["pos_embedding.weight"].shape == (64, 8)
+    assert tuned["pos_embedding.weight"].shape == (64, 8) and tuned["frame_embedding.weight"].shape == (2, 64)
     assert tuned["pos_embedding.weight"].abs().max() > 0           # trained away from its zero init
+    assert tuned["frame_embedding.weight"].abs().max() > 0
     assert not (tmp_path / "pos" / "final" / "model.pt").exists()
     assert (tmp_path / "base" / "final" / "model.pt").exists()

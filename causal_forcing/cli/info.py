@@ -36,7 +36,7 @@ _SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF
                        "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 # Fields that tensor shapes determine; num_heads (qk-norm spans all heads) and text_len leave no trace.
 _INFERABLE = ("patch_size", "in_dim", "out_dim", "dim", "ffn_dim", "freq_dim", "text_dim", "num_layers", "qk_norm",
-              "cross_attn_norm", "abs_pos_freqs")
+              "cross_attn_norm", "abs_pos_freqs", "abs_time_frames")
 _WAN_BASE_FILES = ("Wan2.1_VAE.pth", "models_t5_umt5-xxl-enc-bf16.pth")
 
 
@@ -118,6 +118,7 @@ def infer_architecture(shapes: Shapes) -> dict[str, Any]:
             "qk_norm": "blocks.0.self_attn.norm_q.weight" in shapes,
             "cross_attn_norm": "blocks.0.norm3.weight" in shapes,
             "abs_pos_freqs": shapes["pos_embedding.weight"][1] // 4 if "pos_embedding.weight" in shapes else 0,
+            "abs_time_frames": shapes["frame_embedding.weight"][0] if "frame_embedding.weight" in shapes else 0,
         }
     except (KeyError, ValueError, IndexError) as e:
         raise CheckpointError(f"not a complete Wan DiT state dict (missing {e})") from None

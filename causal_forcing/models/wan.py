@@ -9,8 +9,10 @@ Tensor layouts: latents are [B, F, C, H, W] (frames first), timesteps are [B] or
 text embeddings [B, L ≤ text_len, text_dim] (shorter prompts are zero-padded to text_len, as in Wan).
 The network predicts the flow v = ε − x0.
 
-One optional addition that Wan does not have: ``ModelConfig.abs_pos_freqs > 0`` adds an absolute 2-D position
-embedding (``pos_embedding``) to the patch tokens, see :func:`grid_position_features`.
+Two optional additions that Wan does not have (both off by default, both zero-initialised): ``ModelConfig.abs_pos_freqs
+> 0`` adds an absolute 2-D position embedding (``pos_embedding``) to the patch tokens, see
+:func:`grid_position_features`; ``ModelConfig.abs_time_frames > 0`` adds an embedding of the latent frame index
+(``frame_embedding``, clamped to its last entry) to each frame's time embedding.
 """
 from __future__ import annotations
 
@@ -195,9 +197,8 @@ class WanDiT(nn.Module):
         # Optional absolute position embedding (not in Wan); zero-initialised, so adding it to trained weights
         # leaves the function unchanged until it is trained.
         self.pos_embedding = nn.Linear(4 * cfg.abs_pos_freqs, cfg.dim) if cfg.abs_pos_freqs else None
-        if self.pos_embedding is not None:
-            nn.init.zeros_(self.pos_embedding.weight)
-            nn.init.zeros_(self.pos_embedding.bias)
+        self.frame_embedding = nn.Embedding(cfg.abs_time_frames, cfg.dim) if cfg.abs_time_frames else None
+        self._zero_added()
         self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"),
                                             nn.Linear(cfg.dim, cfg.dim))
         self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
@@ -222,19 +223,26 @@ class WanDiT(nn.Module):
                     nn.init.normal_(m.weight, std=0.02)
         nn.init.zeros_(self.head.head.weight)
         nn.init.zeros_(self.head.head.bias)
-        if self.pos_embedding is not None:
-            nn.init.zeros_(self.pos_embedding.weight)
-            nn.init.zeros_(self.pos_embedding.bias)
+        self._zero_added()
+
+    def _added_modules(self) -> dict[str, nn.Module]:
+        """The modules of this model that are not part of Wan (the optional embeddings), by name."""
+        return {name: m for name, m in (("pos_embedding", self.pos_embedding),
+                                         ("frame_embedding", self.frame_embedding)) if m is not None}
+
+    def _zero_added(self) -> None:
+        for module in self._added_modules().values():
+            for p in module.parameters():
+                nn.init.zeros_(p)
 
     def added_state(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-        """``state_dict`` completed with this model's own zero-initialised values for the entries of modules
-        that are not part of Wan (``pos_embedding``) and that the given weights lack; every other key untouched.
+        """``state_dict`` completed with zeros for the entries of modules that are not part of Wan
+        (``pos_embedding``, ``frame_embedding``) and that the given weights lack; every other key untouched.
 
-        Lets weights trained without the position embedding initialise a model that has it (fine-tuning).
+        Lets weights trained without those embeddings initialise a model that has them (fine-tuning): zero
+        embeddings leave the function unchanged until they are trained.
         """
-        if self.pos_embedding is None:
-            return dict(state_dict)
-        own = {f"pos_embedding.{k}": v for k, v in self.pos_embedding.state_dict().items()}
+        own = {f"{name}.{k}": v for name, m in self._added_modules().items() for k, v in m.state_dict().items()}
         return {**{k: torch.zeros_like(v) for k, v in own.items() if k not in state_dict}, **state_dict}
 
     # ---- helpers ---------------------------------------------------------------------------------------
@@ -290,12 +298,15 @@ class WanDiT(nn.Module):
         u = torch.einsum("bfhwpqrc->bfpchqwr", u)
         return u.reshape(B, num_frames, c, gh * ph, gw * pw)
 
-    def _time(self, t: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """t [B, F] → e [B, F, D], e0 [B, F, 6, D]."""
+    def _time(self, t: Tensor, dtype: torch.dtype, first_frame: int = 0) -> tuple[Tensor, Tensor]:
+        """t [B, F] → e [B, F, D], e0 [B, F, 6, D]; ``first_frame`` is the (token) frame index of t[:, 0]."""
         B, nf = t.shape
-        e = self.time_embedding(timestep_embedding(t.reshape(-1), self.config.freq_dim).to(dtype))
-        e0 = self.time_projection(e).unflatten(1, (6, self.config.dim))
-        return e.view(B, nf, -1), e0.view(B, nf, 6, -1)
+        e = self.time_embedding(timestep_embedding(t.reshape(-1), self.config.freq_dim).to(dtype)).view(B, nf, -1)
+        if self.frame_embedding is not None:
+            index = torch.arange(first_frame, first_frame + nf, device=t.device)
+            e = e + self.frame_embedding(index.clamp(max=self.config.abs_time_frames - 1)).to(dtype)
+        e0 = self.time_projection(e).unflatten(2, (6, self.config.dim))
+        return e, e0
 
     # ---- forward ---------------------------------------------------------------------------------------
     def forward(self, x: Tensor, t: Tensor, context: Tensor, *, layout: Layout | None = None,
@@ -327,7 +338,7 @@ class WanDiT(nn.Module):
         dtype = self.patch_embedding.weight.dtype
 
         tokens = self._patchify(x.to(dtype))
-        e, e0 = self._time(t, dtype)
+        e, e0 = self._time(t, dtype, start_frame // pt)
         head_e = e
         rope = RotaryTable.for_grid(self.config.head_dim, nf_tok, *grid, start_frame // pt, x.device)
         plan, write = None, None
@@ -340,7 +351,7 @@ class WanDiT(nn.Module):
             if ct.dim() == 1:
                 ct = ct[:, None].expand(B, nf)
             ct = ct[:, ::pt] if ct.shape[1] == nf else ct
-            ce, ce0 = self._time(ct, dtype)
+            ce, ce0 = self._time(ct, dtype, start_frame // pt)   # the clean copy sits at the same frames
             tokens = torch.cat([self._patchify(clean_x.to(dtype)), tokens], dim=1)
             e0 = torch.cat([ce0, e0], dim=1)
             rope = RotaryTable.concat([rope, rope])

@@ -44,6 +44,7 @@ from ..schedulers.flow import add_noise, training_grid
 from .common import early_frame_weights
 
 CHECKPOINT = "checkpoint.pt"
+ADDED = ("abs_pos_freqs", "abs_time_frames")   # the ModelConfig options beyond Wan this trainer can add
 
 
 @dataclass
@@ -57,6 +58,7 @@ class Settings:
     init: str | None = None        # model folder to start from (else the preset, randomly initialised)
     preset: str = "shapes"
     abs_pos_freqs: int = 0         # > 0: the model gets the absolute position embedding (added to an init without it)
+    abs_time_frames: int = 0       # > 0: the model gets the frame-index embedding (likewise)
     early_frames: int = 0          # the loss of the first N latent frames counts early_weight times (mean-1 weights)
     early_weight: float = 1.0
     batch: int = 64
@@ -86,8 +88,8 @@ class Settings:
             raise InputError("--cond-dropout must be in [0, 1)")
         if not 0 <= self.min_lr <= self.lr:
             raise InputError("need 0 <= --min-lr <= --lr")
-        if self.abs_pos_freqs < 0 or self.early_frames < 0 or not self.early_weight > 0:
-            raise InputError("need --abs-pos-freqs >= 0, --early-frames >= 0 and --early-weight > 0")
+        if min(self.abs_pos_freqs, self.abs_time_frames, self.early_frames) < 0 or not self.early_weight > 0:
+            raise InputError("need --abs-pos-freqs, --abs-time-frames, --early-frames >= 0 and --early-weight > 0")
 
 
 def settings_from_stage_config(stage: str, cfg) -> Settings:
@@ -95,7 +97,7 @@ def settings_from_stage_config(stage: str, cfg) -> Settings:
     ``--graphed-teachers``): same data, init, batch, optimiser, EMA, timestep shift and CFG dropout; the run stops
     at ``train.time_limit`` seconds or ``train.max_steps``, whichever comes first. What this trainer does not do
     (timestep loss weighting, context noise, a linear or delayed decay, a non-dataset text encoder, model overrides
-    other than ``abs_pos_freqs``) is an error."""
+    other than the added embeddings ``abs_pos_freqs``, ``abs_time_frames``) is an error."""
     s, o, t, d = cfg.stage, cfg.optim, cfg.train, cfg.data
     if stage not in ("bidirectional", "ar-diffusion"):
         raise InputError(f"the graphed trainer runs the bidirectional and ar-diffusion stages, not {stage!r}")
@@ -104,14 +106,15 @@ def settings_from_stage_config(stage: str, cfg) -> Settings:
                    (o.schedule == "linear" or o.decay_start > 0, "a linear or delayed learning-rate decay"),
                    (d.text_encoder != "dataset", f"data.text_encoder={d.text_encoder}"),
                    (t.distributed != "none", f"train.distributed={t.distributed}"),
-                   (bool(set(cfg.model.overrides) - {"abs_pos_freqs"}),
-                    "model.overrides other than abs_pos_freqs (use a preset)")]
+                   (bool(set(cfg.model.overrides) - set(ADDED)),
+                    "model.overrides other than abs_pos_freqs / abs_time_frames (use a preset)")]
     bad = [what for cond, what in unsupported if cond]
     if bad:
         raise InputError(f"the graphed trainer does not support {bad[0]}")
     return Settings(data=d.path, out=t.out_dir, seconds=t.time_limit, max_steps=t.max_steps, frames=d.max_frames,
                     block_size=s.block_size if stage == "ar-diffusion" else 0, init=t.init or None,
                     preset=cfg.model.preset, abs_pos_freqs=int(cfg.model.overrides.get("abs_pos_freqs", 0)),
+                    abs_time_frames=int(cfg.model.overrides.get("abs_time_frames", 0)),
                     early_frames=s.early_frames, early_weight=s.early_weight, batch=d.batch_size, lr=o.lr,
                     min_lr=o.lr * o.min_lr_ratio if o.schedule == "cosine" else o.lr, warmup=o.warmup_steps,
                     betas=tuple(o.betas), weight_decay=o.weight_decay, grad_clip=o.grad_clip, ema=cfg.ema.decay,
@@ -143,12 +146,11 @@ def build_model(s: Settings, device: torch.device) -> WanDiT:
     if s.init:
         state, config = load_dit_weights(s.init)
         config = config or model_preset(s.preset)
-        if s.abs_pos_freqs:
-            config = config.replace(abs_pos_freqs=s.abs_pos_freqs)
+        config = config.replace(**{k: getattr(s, k) for k in ADDED if getattr(s, k)})
         model = WanDiT(config)
         load_into(model, model.added_state(state))
     else:
-        model = WanDiT(model_preset(s.preset).replace(abs_pos_freqs=s.abs_pos_freqs))
+        model = WanDiT(model_preset(s.preset).replace(**{k: getattr(s, k) for k in ADDED}))
         model.init_weights()
     model.attn_backend = "sdpa"   # plain SDPA calls capture into a graph; FlexAttention would compile inside it
     return model.to(device).train()
@@ -333,8 +335,8 @@ class GraphedTrainer:
 
     def load_checkpoint(self, path: Path) -> tuple[int, float]:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        keep = ("data", "frames", "block_size", "batch", "preset", "abs_pos_freqs")
-        old = state["settings"]
+        keep = ("data", "frames", "block_size", "batch", "preset", *ADDED)
+        old = {**{k: 0 for k in ADDED}, **state["settings"]}   # checkpoints from before an option existed: 0
         changed = [k for k in keep if old.get(k) != getattr(self.s, k)]
         if changed:
             raise InputError(f"{path}: written with other {changed[0]!r} ({old.get(changed[0])!r}); "
@@ -380,6 +382,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--preset", default=d.preset)
     p.add_argument("--abs-pos-freqs", type=int, default=d.abs_pos_freqs,
                    help="add the absolute position embedding (not in Wan) with this many frequencies per axis")
+    p.add_argument("--abs-time-frames", type=int, default=d.abs_time_frames,
+                   help="add the frame-index embedding (not in Wan) with this many entries (later frames: the last)")
     p.add_argument("--early-frames", type=int, default=d.early_frames)
     p.add_argument("--early-weight", type=float, default=d.early_weight)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt when it exists")

@@ -189,7 +189,7 @@ class Trainer:
     def load_init(self, module: nn.Module, path: str, *, ema: bool = False) -> None:
         """Load weights (any supported format) strictly into ``module``.
 
-        Modules the model has beyond Wan's (the optional ``pos_embedding``) and the weights lack start from their
+        Modules the model has beyond Wan's (the optional embeddings) and the weights lack start from their
         zero initialisation, so a model trained without them can be fine-tuned with them.
         """
         state, _ = load_dit_weights(path, ema=ema)
@@ -427,7 +427,7 @@ class Trainer:
                 continue
             config = tr.raw.config
             save_model_folder(raw, config, final)
-            if not getattr(config, "abs_pos_freqs", 0):   # the released layout has no position embedding
+            if not getattr(config, "beyond_wan", ()):   # the released layout has none of the added embeddings
                 save_released_pt(final / "model.pt", generator=raw, generator_ema=ema)
             if ema is not None:
                 save_model_folder(ema, config, self.out / "final_ema")
