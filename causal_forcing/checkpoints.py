@@ -68,8 +68,7 @@ WAN_DIFFUSERS_RENAMES: tuple[tuple[str, str], ...] = (
     # Not in Wan nor diffusers: this project's optional absolute position and frame-index embeddings
     # (ModelConfig.abs_pos_freqs, abs_time_frames), kept under the same names so such models save and load here;
     # exports to other programs refuse them.
-    ("pos_embedding", "pos_embedding"),
-    ("frame_embedding", "frame_embedding"),
+    *((name, name) for name in ModelConfig.ADDED.values()),
 )
 
 # Path segments inserted by training wrappers (FSDP, activation checkpointing, torch.compile); removed anywhere.
@@ -588,7 +587,7 @@ def save_released_pt(path: str | Path, *, generator: Mapping[str, torch.Tensor] 
     if generator is None and generator_ema is None:
         raise CheckpointError("save_released_pt needs generator and/or generator_ema")
     for sd in (generator, generator_ema):
-        added = sorted({k.split(".")[0] for k in sd or () if k.startswith(("pos_embedding.", "frame_embedding."))})
+        added = sorted({k.split(".")[0] for k in sd or ()} & set(ModelConfig.ADDED.values()))
         if added:
             raise CheckpointError(f"the released Causal Forcing layout has no {added[0]} (an embedding this project "
                                   "adds to Wan); this model cannot be exported to it")

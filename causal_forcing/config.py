@@ -10,7 +10,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 from .errors import ConfigError
 
@@ -45,6 +45,9 @@ class ModelConfig:
     # which RoPE (relative offsets only) does not tell it.
     abs_time_frames: int = 0
 
+    # The options above that Wan does not have, each with the module it adds to WanDiT (same name in every layout).
+    ADDED: ClassVar[dict[str, str]] = {"abs_pos_freqs": "pos_embedding", "abs_time_frames": "frame_embedding"}
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
         object.__setattr__(self, "window_size", tuple(int(w) for w in self.window_size))
@@ -57,7 +60,7 @@ class ModelConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"{name} must be a positive int, got {v!r}")
-        for name in ("abs_pos_freqs", "abs_time_frames"):
+        for name in self.ADDED:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ConfigError(f"{name} must be a non-negative int, got {v!r}")
@@ -78,7 +81,7 @@ class ModelConfig:
     @property
     def beyond_wan(self) -> tuple[str, ...]:
         """The options set here that Wan's architecture (and every official key layout) does not have."""
-        return tuple(name for name in ("abs_pos_freqs", "abs_time_frames") if getattr(self, name))
+        return tuple(name for name in self.ADDED if getattr(self, name))
 
     @property
     def rope_split(self) -> tuple[int, int, int]:

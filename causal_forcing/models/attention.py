@@ -188,6 +188,19 @@ def attention(q: Tensor, k: Tensor, v: Tensor, plan: AttentionPlan | None = None
     return torch.cat(outs, dim=1)
 
 
+def _cached(cache: OrderedDict, key: Any, build: Any) -> Any:
+    """``cache[key]``, built by ``build()`` on a miss; the least recently used entries beyond
+    ``_BLOCK_MASK_CACHE_SIZE`` are dropped."""
+    value = cache.get(key)
+    if value is None:
+        value = cache[key] = build()
+        while len(cache) > _BLOCK_MASK_CACHE_SIZE:
+            cache.popitem(last=False)
+    else:
+        cache.move_to_end(key)
+    return value
+
+
 _DENSE_MASKS: "OrderedDict[tuple[AttentionPlan, str], Tensor]" = OrderedDict()
 
 
@@ -197,14 +210,7 @@ def _masked(q: Tensor, k: Tensor, v: Tensor, plan: AttentionPlan | None) -> Tens
         return _sdpa(q, k, v)
     if plan.length != q.shape[1] or q.shape[1] != k.shape[1]:
         raise ValueError("plan length does not match the query/key length")
-    key = (plan, str(q.device))
-    mask = _DENSE_MASKS.get(key)
-    if mask is None:
-        mask = _DENSE_MASKS[key] = plan.dense_mask(q.device)
-        while len(_DENSE_MASKS) > _BLOCK_MASK_CACHE_SIZE:
-            _DENSE_MASKS.popitem(last=False)
-    else:
-        _DENSE_MASKS.move_to_end(key)
+    mask = _cached(_DENSE_MASKS, (plan, str(q.device)), lambda: plan.dense_mask(q.device))
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
     return out.transpose(1, 2)
 
@@ -275,16 +281,8 @@ def plan_block_mask(plan: AttentionPlan, device: torch.device) -> Any:
     """The FlexAttention BlockMask of ``plan`` on ``device``, built once per (plan, device) and reused: every layer
     of every forward with the same layout shares it (building it costs far more than the attention itself)."""
     from torch.nn.attention.flex_attention import create_block_mask
-    key = (plan, str(device))
-    mask = _BLOCK_MASKS.get(key)
-    if mask is None:
-        mask = create_block_mask(plan_mask_mod(plan, device), None, None, plan.length, plan.length, device=device)
-        _BLOCK_MASKS[key] = mask
-        while len(_BLOCK_MASKS) > _BLOCK_MASK_CACHE_SIZE:
-            _BLOCK_MASKS.popitem(last=False)
-    else:
-        _BLOCK_MASKS.move_to_end(key)
-    return mask
+    return _cached(_BLOCK_MASKS, (plan, str(device)), lambda: create_block_mask(
+        plan_mask_mod(plan, device), None, None, plan.length, plan.length, device=device))
 
 
 def _flex(q: Tensor, k: Tensor, v: Tensor, plan: AttentionPlan | None) -> Tensor:

@@ -227,8 +227,7 @@ class WanDiT(nn.Module):
 
     def _added_modules(self) -> dict[str, nn.Module]:
         """The modules of this model that are not part of Wan (the optional embeddings), by name."""
-        return {name: m for name, m in (("pos_embedding", self.pos_embedding),
-                                         ("frame_embedding", self.frame_embedding)) if m is not None}
+        return {name: getattr(self, name) for name in ModelConfig.ADDED.values() if getattr(self, name) is not None}
 
     def _zero_added(self) -> None:
         for module in self._added_modules().values():

@@ -35,7 +35,7 @@ import torch
 from safetensors import safe_open
 
 from ..checkpoints import atomic_path, load_dit_weights, load_into, save_model_folder
-from ..config import model_preset
+from ..config import ModelConfig, model_preset
 from ..data.latents import LatentDataset, _shards
 from ..errors import InputError
 from ..models.attention import Bidirectional, TeacherForcing
@@ -44,7 +44,7 @@ from ..schedulers.flow import add_noise, training_grid
 from .common import early_frame_weights
 
 CHECKPOINT = "checkpoint.pt"
-ADDED = ("abs_pos_freqs", "abs_time_frames")   # the ModelConfig options beyond Wan this trainer can add
+ADDED = tuple(ModelConfig.ADDED)   # the ModelConfig options beyond Wan (this trainer can add each)
 
 
 @dataclass
