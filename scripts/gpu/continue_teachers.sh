@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Continue earlier ShapesWorld teachers on one lent GPU (no network there) with the CUDA-graph trainer: data →
+# encode (the recipe's own steps, deterministic, so the same clips as the run that trained them) → each teacher
+# resumed from its weights with a fresh warm-up and cosine learning rate. Each finished run is packed into
+# OUT_DIR/RUN.tar (final_ema/, metrics, settings, summary) as soon as it exists, so whatever finished comes back
+# even if a later step or the time limit cuts the command short. Needs .device/minilm.pt and .device/whl as
+# scripts/gpu/teachers.sh does, and INIT_DIR holding one model folder per teacher (bidirectional/, ar_framewise/,
+# ar_chunkwise/; fp16 weights travel fine: they are read into fp32 models).
+#
+#   scripts/gpu/continue_teachers.sh WORK_DIR OUT_DIR INIT_DIR [BUDGET_SECONDS]
+#
+# Runs, most important first, each given a share of the time left after the data (SECONDS_FW, SECONDS_CW,
+# SECONDS_BI; SECONDS_ABS for an extra frame-wise run with the position and frame-index embeddings and the first 5
+# latent frames weighted 4x, docs/results.md "the direction sign"; 0 skips a run). NUM_CLIPS (default 6000, the
+# recipe's) makes a small dry run possible on a CPU.
+set -uo pipefail
+W=$1; O=$2; I=$3; BUDGET=${4:-530}
+T0=$(date +%s)
+left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+if [ -d .device/whl ]; then   # diffusers (imported by the CLI) is not installed there
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/cf_site .device/whl/*.whl || exit 1
+fi
+python3 scripts/gpu/minilm_transport.py unpack .device/minilm.pt /tmp/cf_site || exit 1
+export PYTHONPATH=/tmp/cf_site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu')"
+R="python3 -m causal_forcing recipe shapes --out $W --num-clips ${NUM_CLIPS:-6000} --workers $(nproc)"
+$R --until data || exit 1
+python3 scripts/gpu/minilm_transport.py check /tmp/cf_site "$W/data/train/manifest.jsonl" || exit 1
+$R --until encode || exit 1
+echo "STEP data+encode $(( $(date +%s) - T0 )) s, $(left) s left"
+G="python3 -m causal_forcing.training.graphed --data $W/latents"
+pack() { tar -C "$W/runs" -cf "$O/$1.tar" "$1/final_ema" "$1/metrics.jsonl" "$1/settings.json" "$1/summary.json"
+         echo "STEP $1 packed, $(left) s left"; }
+# run NAME SECONDS INIT ARGS...: at most SECONDS, and never past the budget (15 s kept for packing)
+run() {
+  local name=$1 secs=$2 init=$3; shift 3
+  local cap=$(( $(left) - 15 )); [ "$secs" -gt "$cap" ] && secs=$cap
+  if [ "$secs" -lt 20 ]; then echo "SKIP $name ($secs s)"; return 0; fi
+  $G --out "$W/runs/$name" --init "$init" --seconds "$secs" --batch 32 --warmup 100 --ema-start 0 \
+     --save-every 0 "$@" && pack "$name"
+}
+run ar_framewise "${SECONDS_FW:-160}" "$I/ar_framewise" --block-size 1 --lr 2e-4 --min-lr 2e-5
+run ar_chunkwise "${SECONDS_CW:-80}" "$I/ar_chunkwise" --block-size 3 --lr 2e-4 --min-lr 2e-5
+run bidirectional "${SECONDS_BI:-60}" "$I/bidirectional" --lr 2e-4 --min-lr 2e-5
+run ar_framewise_abs "${SECONDS_ABS:-9999}" "$I/ar_framewise" --block-size 1 --lr 2e-4 --min-lr 2e-5 \
+    --abs-pos-freqs 4 --abs-time-frames 8 --early-frames 5 --early-weight 4
+echo "ALL DONE $(( $(date +%s) - T0 )) s"
