@@ -17,17 +17,7 @@ set -uo pipefail
 W=$1; O=$2; I=$3; BUDGET=${4:-530}
 T0=$(date +%s)
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-if [ -d .device/whl ]; then   # diffusers (imported by the CLI) is not installed there
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/cf_site .device/whl/*.whl || exit 1
-fi
-python3 scripts/gpu/minilm_transport.py unpack .device/minilm.pt /tmp/cf_site || exit 1
-export PYTHONPATH=/tmp/cf_site:$PWD${PYTHONPATH:+:$PYTHONPATH}
-python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu')"
-R="python3 -m causal_forcing recipe shapes --out $W --num-clips ${NUM_CLIPS:-6000} --workers $(nproc)"
-$R --until data || exit 1
-python3 scripts/gpu/minilm_transport.py check /tmp/cf_site "$W/data/train/manifest.jsonl" || exit 1
-$R --until encode || exit 1
+source scripts/gpu/setup_data.sh   # packages, MiniLM, data → encode into $W
 echo "STEP data+encode $(( $(date +%s) - T0 )) s, $(left) s left"
 G="python3 -m causal_forcing.training.graphed --data $W/latents"
 pack() { tar -C "$W/runs" -cf "$O/$1.tar" "$1/final_ema" "$1/metrics.jsonl" "$1/settings.json" "$1/summary.json"
