@@ -65,6 +65,21 @@ def collect(out: str | Path) -> list[ModelScores]:
     return models
 
 
+def choose_shipped(models: Sequence[ModelScores]) -> ModelScores:
+    """The model to ship among candidates of one block size: the best mean in-distribution Total, except that
+    every model whose mean is within seed noise of the best one (the larger of the two models' standard deviations
+    over sampling seeds; an exact tie with one seed each) counts as level with it, and among those the best mean
+    held-out Total wins. A lead smaller than the spread between sampling seeds is not evidence, and then the
+    prompts no model trained on are the better judge of which one generalises."""
+    if not models:
+        raise ValueError("choose_shipped needs at least one model")
+    best = max(models, key=lambda m: m.stat("in_distribution", "total")[0])
+    top, top_std = best.stat("in_distribution", "total")
+    level = [m for m in models
+             if top - m.stat("in_distribution", "total")[0] <= max(top_std, m.stat("in_distribution", "total")[1])]
+    return max(level, key=lambda m: (m.stat("held_out", "total")[0], m.stat("in_distribution", "total")[0]))
+
+
 def _cell(model: ModelScores, split: str, metric: str) -> str:
     mean, std = model.stat(split, metric)
     return f"{mean:.3f} ± {std:.3f}" if model.seeds > 1 else f"{mean:.3f}"

@@ -271,9 +271,10 @@ class ShapesRecipe:
     def _ship(self) -> None:
         """Pipeline folders of the models to bundle, sharing one VAE folder: ``pipelines/shapes_vae``,
         ``pipelines/shapes_framewise`` and ``pipelines/shapes_chunkwise``, each the best-scoring causal model of its
-        block size (in-distribution Total, mean over the evaluation seeds) among the causal inits of
-        ``SHIP_CANDIDATES`` and their DMD students. Copy the three folders into ``causal_forcing/assets/`` to bundle
-        them; ``shipped.json`` records what was chosen and its score."""
+        block size among the causal inits of ``SHIP_CANDIDATES`` and their DMD students (``report.choose_shipped``:
+        in-distribution Total, with held-out Total deciding between models within seed noise of the best). Copy the
+        three folders into ``causal_forcing/assets/`` to bundle them; ``shipped.json`` records what was chosen and
+        its scores."""
         from ..checkpoints import load_dit_weights
         from ..models.small_vae import SmallVAE
         from ..pipelines.loading import (
@@ -282,17 +283,17 @@ class ShapesRecipe:
             VAESpec,
             save_pipeline_folder,
         )
-        from .report import collect
+        from .report import choose_shipped, collect
 
-        scores = {m.name: m.stat("in_distribution", "total")[0] for m in collect(self.out)}
+        evaluated = {m.name: m for m in collect(self.out)}
         candidates = {folder: (block, [n for init in inits for n in (init, f"dmd_{init}")])
                       for folder, (block, inits) in SHIP_CANDIDATES.items()}
         chosen: dict[str, tuple[str, int]] = {}
         missing: list[str] = []
         for folder, (block, names) in candidates.items():
-            ready = [n for n in names if n in scores and self.final(n).exists()]
+            ready = [evaluated[n] for n in names if n in evaluated and self.final(n).exists()]
             if ready:
-                chosen[folder] = (max(ready, key=lambda n: scores[n]), block)
+                chosen[folder] = (choose_shipped(ready).name, block)
             else:
                 missing.append(folder)
         if not chosen:
@@ -306,7 +307,9 @@ class ShapesRecipe:
                                 text_encoder=TextEncoderSpec(kind="minilm", text_len=TEXT_LEN),
                                 vae=VAESpec(kind="small", path="../shapes_vae"))
             save_pipeline_folder(pipes / folder, spec, state, config=config)
-        record = {name: {"model": model, "block_size": block, "in_distribution_total": scores.get(model)}
+        record = {name: {"model": model, "block_size": block,
+                         "in_distribution_total": evaluated[model].stat("in_distribution", "total")[0],
+                         "held_out_total": evaluated[model].stat("held_out", "total")[0]}
                   for name, (model, block) in chosen.items()}
         # The step is done (shipped.json) only when every folder has a model; until then the folders that have one
         # are written and the step runs again (seconds) on the next call.
