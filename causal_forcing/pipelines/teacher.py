@@ -228,6 +228,19 @@ def _model_device(model: WanDiT) -> torch.device:
     return next(model.parameters()).device
 
 
+def _whole_clip_noise(model: WanDiT, context: Tensor, shape: Sequence[int] | None, noise: Tensor | None,
+                      generator: torch.Generator | int | None) -> Tensor:
+    """The starting latents of a whole-clip sampler, on the model's device: of ``shape``, or of the shape of the
+    explicit ``noise``; checks the text context against their batch size."""
+    if shape is None:
+        if noise is None:
+            raise ValueError("pass the latent shape or explicit noise")
+        shape = tuple(noise.shape)
+    x = initial_noise(shape, noise=noise, generator=generator, device=_model_device(model))
+    _check_context(model, context, x.shape[0])
+    return x
+
+
 def _check_context(model: WanDiT, context: Tensor, batch_size: int) -> None:
     if context.shape[0] != batch_size:
         raise ValueError(f"context has batch {context.shape[0]}, the latents have {batch_size}")
@@ -256,13 +269,7 @@ def sample_bidirectional(model: WanDiT, context: Tensor, negative_context: Tenso
 
     ``shape`` (or the shape of ``noise``) is the latent shape; σ follows ``solver_sigmas(solver, steps, shift)``.
     """
-    if shape is None:
-        if noise is None:
-            raise ValueError("pass the latent shape or explicit noise")
-        shape = tuple(noise.shape)
-    device = _model_device(model)
-    x = initial_noise(shape, noise=noise, generator=generator, device=device)
-    _check_context(model, context, x.shape[0])
+    x = _whole_clip_noise(model, context, shape, noise, generator)
     guide = _guidance(model, context, negative_context, guidance, guidance_form, batch_cfg)
     flow = flow_fn_for(model, guide, integer_timesteps=integer_timesteps, layout=Bidirectional())
     return integrate(flow, x, solver_sigmas(solver, steps, shift), solver, unipc=unipc)
@@ -434,13 +441,7 @@ def ode_trajectory_bidirectional(model: WanDiT, context: Tensor, negative_contex
     Returns [B, len(keep), F, C, H, W] float32, ``keep`` indexing [x_0 … x_{steps−1}, ODE solution]
     (default [0, 12, 24, 36, −1], shift 8 as in Self Forcing).
     """
-    if shape is None:
-        if noise is None:
-            raise ValueError("pass the latent shape or explicit noise")
-        shape = tuple(noise.shape)
-    device = _model_device(model)
-    x = initial_noise(shape, noise=noise, generator=generator, device=device)
-    _check_context(model, context, x.shape[0])
+    x = _whole_clip_noise(model, context, shape, noise, generator)
     idx = resolve_keep(keep, steps + 1)
     guide = _guidance(model, context, negative_context, guidance, guidance_form, batch_cfg)
     flow = flow_fn_for(model, guide, layout=Bidirectional())
