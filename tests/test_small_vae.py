@@ -116,6 +116,20 @@ def test_streaming_decode_equals_one_shot(tiny: SmallVAE, blocks: list[int]) -> 
     torch.testing.assert_close(torch.cat(parts, dim=1), whole, rtol=0, atol=1e-5)
 
 
+def test_streaming_refuses_a_vae_moved_mid_stream(tiny: SmallVAE) -> None:
+    """The decoder's cache holds tensors of the old dtype: a stream must be reset after the VAE changes dtype."""
+    import copy
+    vae = copy.deepcopy(tiny)
+    latents = torch.randn(1, 3, 16, 2, 2)
+    stream = vae.streaming_decoder()
+    stream.decode_block(latents[:, :1])
+    vae.to(torch.float64)
+    with pytest.raises(RuntimeError, match="changed device/dtype"):
+        stream.decode_block(latents[:, 1:])
+    stream.reset()
+    torch.testing.assert_close(stream.decode_block(latents), vae.decode(latents.double()), rtol=0, atol=1e-9)
+
+
 def test_upsample_equals_nearest_interpolation() -> None:
     x = torch.randn(3, 5, 4, 7)
     assert torch.equal(upsample2x(x), torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))

@@ -42,6 +42,7 @@ from causal_forcing.checkpoints import atomic_path
 from causal_forcing.errors import CheckpointError, ConfigError, InputError
 from causal_forcing.models.frames import (
     TEMPORAL_FACTOR,
+    BlockDecoder,
     latent_frames_for,
     pixel_frames_for,
 )
@@ -435,57 +436,17 @@ class SmallVAE(nn.Module):
         return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
-class SmallStreamingDecoder:
-    """Decodes a latent video block by block, carrying each `MemBlock`'s last input frame between blocks.
+class SmallStreamingDecoder(BlockDecoder):
+    """Decodes a latent video block by block, carrying each `MemBlock`'s last input frame between blocks (the
+    contract of `frames.BlockDecoder`: the concatenated output equals `SmallVAE.decode` of the whole video)."""
 
-    Same contract as `causal_forcing.models.vae.StreamingDecoder`: the first latent frame of a video yields 1
-    pixel frame, every later one 4; blocks may hold any number of frames; the concatenated output equals
-    `SmallVAE.decode` of the whole video. Call `reset()` to start a new video.
-    """
+    def _new_cache(self) -> list[Tensor | None]:
+        return self._vae.decoder.new_cache()
 
-    def __init__(self, vae: SmallVAE) -> None:
-        self._vae = vae
-        self.reset()
-
-    def reset(self) -> None:
-        """Forget the decoded history (the next block is frame 0 of a new video)."""
-        self._cache = self._vae.decoder.new_cache()
-        self._latent_frames = 0
-        self._block_layout: tuple[int, int, int, int] | None = None
-
-    @property
-    def latent_frames_decoded(self) -> int:
-        """Latent frames consumed so far in the current video."""
-        return self._latent_frames
-
-    @property
-    def pixel_frames_decoded(self) -> int:
-        """Pixel frames produced so far in the current video."""
-        return pixel_frames_for(self._latent_frames) if self._latent_frames else 0
-
-    def decode_block(self, latents: Tensor) -> Tensor:
-        """Normalised latent block `[B, f, C, h, w]` -> its pixel frames `[B, T_f, 3, 8h, 8w]` in [-1, 1].
-
-        T_f = 1 + 4(f - 1) for the first block of a video and 4f afterwards.
-        """
-        vae = self._vae
-        if latents.ndim != 5 or latents.shape[2] != vae.latent_channels or latents.shape[1] < 1:
-            raise InputError(
-                f"latents must be [B, F>=1, {vae.latent_channels}, h, w], got shape {tuple(latents.shape)}"
-            )
-        layout = (latents.shape[0], *latents.shape[2:])
-        if self._block_layout is not None and layout != self._block_layout:
-            raise InputError(
-                f"latent block [B, C, h, w] = {list(layout)} differs from this stream's {list(self._block_layout)}"
-            )
-        z = latents.to(device=vae.device, dtype=vae.dtype)
-        raw = vae.denormalize(z.transpose(1, 2)).transpose(1, 2)
-        out = vae.decode_raw(raw, self._cache)
-        if self._latent_frames == 0:
-            out = out[:, TEMPORAL_FACTOR - 1:]
-        self._latent_frames += latents.shape[1]
-        self._block_layout = layout
-        return out.clamp(-1.0, 1.0)
+    def _decode(self, z: Tensor) -> Tensor:
+        raw = self._vae.denormalize(z.transpose(1, 2)).transpose(1, 2)
+        out = self._vae.decode_raw(raw, self._cache)
+        return out[:, TEMPORAL_FACTOR - 1:] if self._latent_frames == 0 else out
 
 
 # ---------------------------------------------------------------------------------------------------------------

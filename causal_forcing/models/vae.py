@@ -43,6 +43,7 @@ from torch import nn
 from causal_forcing.errors import CheckpointError, ConfigError, InputError
 from causal_forcing.models.frames import (
     TEMPORAL_FACTOR,
+    BlockDecoder,
     latent_frames_for,
     pixel_frames_for,
 )
@@ -202,71 +203,25 @@ class WanVAE(nn.Module):
         return self.streaming_decoder().decode_block(latents)
 
 
-class StreamingDecoder:
-    """Decodes a latent video block by block with the causal decoder's temporal feature cache.
+class StreamingDecoder(BlockDecoder):
+    """Decodes a latent video block by block with the causal decoder's temporal feature cache (the contract of
+    `frames.BlockDecoder`): the concatenated output equals `WanVAE.decode` of the whole video (same computation,
+    frame by frame, as diffusers' `AutoencoderKLWan._decode`)."""
 
-    The first latent frame of the stream yields 1 pixel frame, every later latent frame 4; blocks may hold any
-    number of frames. The concatenated output equals `WanVAE.decode` of the whole video (same computation,
-    frame by frame, as diffusers' `AutoencoderKLWan._decode`). Call `reset()` to start a new video.
-    """
+    def _new_cache(self) -> list[Any]:
+        return [None] * self._vae._decoder_slots
 
-    def __init__(self, vae: WanVAE) -> None:
-        self._vae = vae
-        self.reset()
-
-    def reset(self) -> None:
-        """Forget the decoded history (the next block is frame 0 of a new video)."""
-        self._cache: list[Any] = [None] * self._vae._decoder_slots
-        self._latent_frames = 0
-        self._block_layout: tuple[int, int, int, int] | None = None
-        self._placement: tuple[torch.device, torch.dtype] | None = None
-
-    @property
-    def latent_frames_decoded(self) -> int:
-        """Latent frames consumed so far in the current video."""
-        return self._latent_frames
-
-    @property
-    def pixel_frames_decoded(self) -> int:
-        """Pixel frames produced so far in the current video."""
-        return pixel_frames_for(self._latent_frames) if self._latent_frames else 0
-
-    def _check_block(self, latents: torch.Tensor) -> None:
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
         vae = self._vae
-        if latents.ndim != 5 or latents.shape[2] != vae.latent_channels or latents.shape[1] < 1:
-            raise InputError(
-                f"latents must be [B, F>=1, {vae.latent_channels}, h, w], got shape {tuple(latents.shape)}"
-            )
-        batch, _, channels, height, width = latents.shape
-        layout = (batch, channels, height, width)
-        if self._block_layout is not None and layout != self._block_layout:
-            raise InputError(
-                f"latent block [B, C, h, w] = {list(layout)} differs from this stream's {list(self._block_layout)}"
-            )
-        placement = (vae.device, vae.dtype)
-        if self._placement is not None and placement != self._placement:
-            raise RuntimeError("the VAE changed device/dtype in the middle of a stream; call reset() first")
-
-    def decode_block(self, latents: torch.Tensor) -> torch.Tensor:
-        """Normalised latent block `[B, f, C, h, w]` -> its pixel frames `[B, T_f, 3, H, W]` in [-1, 1].
-
-        T_f = 1 + 4(f - 1) for the first block of a video and 4f afterwards.
-        """
-        self._check_block(latents)
-        vae = self._vae
-        z = latents.to(device=vae.device, dtype=vae.dtype).permute(0, 2, 1, 3, 4)
-        x = vae.model.post_quant_conv(vae.denormalize(z))
+        x = vae.model.post_quant_conv(vae.denormalize(z.permute(0, 2, 1, 3, 4)))
         frames = []
         for i in range(x.shape[2]):
-            extra = {"first_chunk": self._latent_frames == 0} if vae._decoder_takes_first_chunk else {}
+            extra = {"first_chunk": self._latent_frames == 0 and i == 0} if vae._decoder_takes_first_chunk else {}
             frames.append(vae.model.decoder(x[:, :, i : i + 1], feat_cache=self._cache, feat_idx=[0], **extra))
-            self._latent_frames += 1
-        self._block_layout = (latents.shape[0], *latents.shape[2:])
-        self._placement = (vae.device, vae.dtype)
         out = torch.cat(frames, dim=2)
         if vae.patch_size > 1:
             out = autoencoder_kl_wan.unpatchify(out, patch_size=vae.patch_size)
-        return out.clamp(-1.0, 1.0).permute(0, 2, 1, 3, 4)
+        return out.permute(0, 2, 1, 3, 4)
 
 
 # ---------------------------------------------------------------------------------------------------------------
