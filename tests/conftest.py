@@ -10,6 +10,16 @@ from causal_forcing.models.wan import WanDiT
 PARITY_DIR = Path(os.environ.get("CF_PARITY_DIR", Path(__file__).parent / "data" / "parity"))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny tensors (restored afterwards): on a shared CPU more threads only
+    contend. Modules use it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

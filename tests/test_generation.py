@@ -55,13 +55,7 @@ OTHER_PROMPT = "a blue square falls down"
 CLI_MODULES = ("causal_forcing.cli.generate", "causal_forcing.cli.info", "causal_forcing.cli.bench")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: one intra-op thread avoids thrashing a shared CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

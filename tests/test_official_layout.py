@@ -62,13 +62,7 @@ TINY_T5 = {"vocab_size": 64, "d_model": 4096, "d_kv": 8, "d_ff": 32, "num_layers
 TINY_VAE = {"base_dim": 8}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: one intra-op thread avoids thrashing a shared CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def official_umt5_xxl_shapes() -> dict[str, tuple[int, ...]]:

@@ -99,12 +99,7 @@ def running_server(app: Any, *, ws_max_size: int = 16 * 2**20) -> Iterator[str]:
         sock.close()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

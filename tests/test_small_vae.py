@@ -44,13 +44,7 @@ PSNR_MEAN_DB = 30.0  # mean over the six (measured: 33.9 dB)
 SEMANTIC_FLOOR = 0.95
 
 
-@pytest.fixture(autouse=True, scope="module")
-def few_threads():
-    """Small tensors on a shared CPU: one intra-op thread avoids thread thrashing."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -41,13 +41,7 @@ from causal_forcing.training.ode_data import sample_seed
 from causal_forcing.training.trainer import Trainer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread for this module (restored afterwards, so other modules keep their setting)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 F, C, HW = 3, 16, 8

@@ -38,13 +38,7 @@ HW = (4, 4)
 C = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """The tiny model's ops are far too small for intra-op threads; on a shared machine they only contend."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _contexts(model, batch: int = 1, seed: int = 3) -> tuple[Tensor, Tensor]:
