@@ -4,6 +4,7 @@ frames, and the bookkeeping of decoding such a video block by block. Kept free o
 either VAE module can use it."""
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any
 
 import torch
@@ -30,7 +31,7 @@ def latent_frames_for(pixel_frames: int) -> int:
     return 1 + (pixel_frames - 1) // TEMPORAL_FACTOR
 
 
-class BlockDecoder:
+class BlockDecoder(ABC):
     """Decodes a latent video block by block, keeping the decoder's temporal cache between blocks: the contract
     every VAE's streaming decoder shares. The first latent frame of a video yields 1 pixel frame, every later one 4;
     blocks may hold any number of frames; the concatenated output equals the VAE's ``decode`` of the whole video.
@@ -46,11 +47,13 @@ class BlockDecoder:
         self._vae = vae
         self.reset()
 
+    @abstractmethod
     def _new_cache(self) -> Any:
-        raise NotImplementedError
+        """The decoder's empty temporal cache for a new video."""
 
+    @abstractmethod
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Denormalise and decode one block (see the class docstring)."""
 
     def reset(self) -> None:
         """Forget the decoded history (the next block is frame 0 of a new video)."""
