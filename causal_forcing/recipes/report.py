@@ -73,11 +73,10 @@ def choose_shipped(models: Sequence[ModelScores]) -> ModelScores:
     prompts no model trained on are the better judge of which one generalises."""
     if not models:
         raise ValueError("choose_shipped needs at least one model")
-    best = max(models, key=lambda m: m.stat("in_distribution", "total")[0])
-    top, top_std = best.stat("in_distribution", "total")
-    level = [m for m in models
-             if top - m.stat("in_distribution", "total")[0] <= max(top_std, m.stat("in_distribution", "total")[1])]
-    return max(level, key=lambda m: (m.stat("held_out", "total")[0], m.stat("in_distribution", "total")[0]))
+    total = {id(m): m.stat("in_distribution", "total") for m in models}   # (mean, std) per model
+    top, top_std = max(total.values())
+    level = [m for m in models if top - total[id(m)][0] <= max(top_std, total[id(m)][1])]
+    return max(level, key=lambda m: (m.stat("held_out", "total")[0], total[id(m)][0]))
 
 
 def _cell(model: ModelScores, split: str, metric: str) -> str:
