@@ -11,8 +11,10 @@
 #
 # Runs, most important first, each given a share of the time left after the data (SECONDS_FW, SECONDS_CW,
 # SECONDS_BI; SECONDS_ABS for an extra frame-wise run with the position and frame-index embeddings and the first 5
-# latent frames weighted 4x, docs/results.md "the direction sign"; 0 skips a run). NUM_CLIPS (default 6000, the
-# recipe's) makes a small dry run possible on a CPU.
+# latent frames weighted 4x, docs/results.md "the direction sign"; 0 skips a run). Then, when SECONDS_CD_FW /
+# SECONDS_CD_CW are set (default 0: none), the causal CD init (Causal Forcing++) of each block size from the teacher
+# just continued, with the regular trainer and configs/shapes_gpu/causal_cd.yaml (batch 32) bounded to that many
+# seconds of steps. NUM_CLIPS (default 6000, the recipe's) makes a small dry run possible on a CPU.
 set -uo pipefail
 W=$1; O=$2; I=$3; BUDGET=${4:-530}
 T0=$(date +%s)
@@ -35,4 +37,17 @@ run ar_chunkwise "${SECONDS_CW:-80}" "$I/ar_chunkwise" --block-size 3 --lr 2e-4 
 run bidirectional "${SECONDS_BI:-60}" "$I/bidirectional" --lr 2e-4 --min-lr 2e-5
 run ar_framewise_abs "${SECONDS_ABS:-9999}" "$I/ar_framewise" --block-size 1 --lr 2e-4 --min-lr 2e-5 \
     --abs-pos-freqs 4 --abs-time-frames 8 --early-frames 5 --early-weight 4
+# cd_run NAME SECONDS BLOCK TEACHER: causal CD from the continued TEACHER (30 s kept for start-up and packing)
+cd_run() {
+  local name=$1 secs=$2 block=$3 teacher=$4
+  local cap=$(( $(left) - 30 )); [ "$secs" -gt "$cap" ] && secs=$cap
+  if [ "$secs" -lt 20 ] || [ ! -d "$W/runs/$teacher/final_ema" ]; then echo "SKIP $name ($secs s)"; return 0; fi
+  python3 -m causal_forcing train causal-cd --config causal_forcing/configs/shapes_gpu/causal_cd.yaml \
+      "data.path=$W/latents" "train.init=$W/runs/$teacher/final_ema" "stage.block_size=$block" \
+      "train.out_dir=$W/runs/$name" "train.time_limit=$secs" train.progress=false \
+    && tar -C "$W/runs" -cf "$O/$name.tar" "$name/final_ema" "$name/metrics.jsonl" "$name/config.yaml" \
+    && echo "STEP $name packed, $(left) s left"
+}
+cd_run causal_cd_framewise "${SECONDS_CD_FW:-0}" 1 ar_framewise
+cd_run causal_cd_chunkwise "${SECONDS_CD_CW:-0}" 3 ar_chunkwise
 echo "ALL DONE $(( $(date +%s) - T0 )) s"
