@@ -326,7 +326,8 @@ class ShapesRecipe:
         from .report import write_report
         write_report(self.out, sample_models=["bidirectional", "ar_framewise", "self_forcing_ode_framewise",
                                               "dmd_self_forcing_ode_framewise", "causal_ode_framewise",
-                                              "dmd_causal_ode_framewise", "dmd_causal_cd_framewise",
+                                              "dmd_causal_ode_framewise", "causal_cd_framewise",
+                                              "dmd_causal_cd_framewise",
                                               "dmd_causal_ode_chunkwise", "causal_cd_chunkwise"])
 
     def _encode_complete(self) -> None:
