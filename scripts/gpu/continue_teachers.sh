@@ -22,15 +22,18 @@ left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
 source scripts/gpu/setup_data.sh   # packages, MiniLM, data → encode into $W
 echo "STEP data+encode $(( $(date +%s) - T0 )) s, $(left) s left"
 G="python3 -m causal_forcing.training.graphed --data $W/latents"
-pack() { tar -C "$W/runs" -cf "$O/$1.tar" "$1/final_ema" "$1/metrics.jsonl" "$1/settings.json" "$1/summary.json"
-         echo "STEP $1 packed, $(left) s left"; }
+# pack NAME FILE...: OUT_DIR/NAME.tar with the run's final_ema/, metrics.jsonl and FILEs
+pack() { local name=$1; shift
+         tar -C "$W/runs" -cf "$O/$name.tar" "$name/final_ema" "$name/metrics.jsonl" "${@/#/$name/}"
+         echo "STEP $name packed, $(left) s left"; }
+# capped SECONDS KEEP: SECONDS, or less so that KEEP seconds of the budget are left after it
+capped() { local cap=$(( $(left) - $2 )); echo $(( $1 < cap ? $1 : cap )); }
 # run NAME SECONDS INIT ARGS...: at most SECONDS, and never past the budget (15 s kept for packing)
 run() {
-  local name=$1 secs=$2 init=$3; shift 3
-  local cap=$(( $(left) - 15 )); [ "$secs" -gt "$cap" ] && secs=$cap
+  local name=$1 secs; secs=$(capped "$2" 15); local init=$3; shift 3
   if [ "$secs" -lt 20 ]; then echo "SKIP $name ($secs s)"; return 0; fi
   $G --out "$W/runs/$name" --init "$init" --seconds "$secs" --batch 32 --warmup 100 --ema-start 0 \
-     --save-every 0 "$@" && pack "$name"
+     --save-every 0 "$@" && pack "$name" settings.json summary.json
 }
 run ar_framewise "${SECONDS_FW:-160}" "$I/ar_framewise" --block-size 1 --lr 2e-4 --min-lr 2e-5
 run ar_chunkwise "${SECONDS_CW:-80}" "$I/ar_chunkwise" --block-size 3 --lr 2e-4 --min-lr 2e-5
@@ -39,14 +42,11 @@ run ar_framewise_abs "${SECONDS_ABS:-9999}" "$I/ar_framewise" --block-size 1 --l
     --abs-pos-freqs 4 --abs-time-frames 8 --early-frames 5 --early-weight 4
 # cd_run NAME SECONDS BLOCK TEACHER: causal CD from the continued TEACHER (30 s kept for start-up and packing)
 cd_run() {
-  local name=$1 secs=$2 block=$3 teacher=$4
-  local cap=$(( $(left) - 30 )); [ "$secs" -gt "$cap" ] && secs=$cap
+  local name=$1 secs; secs=$(capped "$2" 30); local block=$3 teacher=$4
   if [ "$secs" -lt 20 ] || [ ! -d "$W/runs/$teacher/final_ema" ]; then echo "SKIP $name ($secs s)"; return 0; fi
   python3 -m causal_forcing train causal-cd --config causal_forcing/configs/shapes_gpu/causal_cd.yaml \
       "data.path=$W/latents" "train.init=$W/runs/$teacher/final_ema" "stage.block_size=$block" \
-      "train.out_dir=$W/runs/$name" "train.time_limit=$secs" train.progress=false \
-    && tar -C "$W/runs" -cf "$O/$name.tar" "$name/final_ema" "$name/metrics.jsonl" "$name/config.yaml" \
-    && echo "STEP $name packed, $(left) s left"
+      "train.out_dir=$W/runs/$name" "train.time_limit=$secs" train.progress=false && pack "$name" config.yaml
 }
 cd_run causal_cd_framewise "${SECONDS_CD_FW:-0}" 1 ar_framewise
 cd_run causal_cd_chunkwise "${SECONDS_CD_CW:-0}" 3 ar_chunkwise
