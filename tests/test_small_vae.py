@@ -332,6 +332,18 @@ def test_stage_trains_resumes_and_exports(tmp_path: Path) -> None:
     tuned_model = SmallVAE.from_folder(vae_stage.run(tuned))
     for key, value in a.state_dict().items():  # a negligible step from the init weights
         torch.testing.assert_close(tuned_model.state_dict()[key], value, rtol=0, atol=1e-6)
+    # Decoder-only fine-tune: the encoder and the latent statistics stay bit-identical, the decoder learns.
+    decoder_only = ["stage.trainable=decoder", "optim.lr=1e-2", "train.max_steps=2", "stage.latent_noise=0.3"]
+    with pytest.raises(ConfigError, match="train.init"):
+        vae_stage.run(load_config(vae_stage.Config, None, [*common, f"train.out_dir={tmp_path / 'e'}",
+                                                           *decoder_only]))
+    dec = SmallVAE.from_folder(vae_stage.run(load_config(
+        vae_stage.Config, None, [*common, f"train.out_dir={tmp_path / 'f'}", f"train.init={final}", *decoder_only])))
+    assert dec.config == a.config  # statistics kept, not re-measured
+    changed = {key for key, value in a.state_dict().items() if not torch.equal(dec.state_dict()[key], value)}
+    assert changed and all(key.startswith("decoder.") for key in changed)
+    with pytest.raises((ConfigError, InputError)):
+        load_config(vae_stage.Config, None, ["stage.trainable=encoder"])
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -19,14 +19,18 @@ where CE (`palette_loss`) is the cross-entropy between the judge's colour class 
 softmax over the output pixel's distances to the judge's colours, and the decoder sees z plus Gaussian noise of
 `latent_noise` times the batch's latent RMS (robustness to imperfect generated latents). L1, edge and CE keep
 palette colours exact and edges hard, which the judge needs; L2 weighs the few large errors on objects.
-`train.init` starts from the weights of a `SmallVAE` folder with the same architecture (a fine-tune).
+`train.init` starts from the weights of a `SmallVAE` folder with the same architecture (a fine-tune). With
+`stage.trainable: decoder` only the decoder learns: the encoder is frozen and the init's latent statistics are
+kept, so latent datasets and every DiT trained on them stay valid (used to make the decoder tolerate generated
+latents with a larger `latent_noise`).
 
 Resumable: every `train.save_every` steps (and at the end, or when `stage.max_minutes` is used up) the weights,
 the EMA shadow, the optimizer, the step and the noise generator's state are written atomically to
 `out_dir/checkpoints/step-N/state.pt` and `checkpoints/latest` points at it. The batch of step `s` is a pure
 function of (`train.seed`, `s`), so a resumed run trains on the same data as an uninterrupted one. At the end
-the latent statistics are measured on `stats_clips` clips, the (EMA) model is saved to `out_dir/final` (and to
-`stage.export` when set), and its reconstruction PSNR on `eval_clips` unseen clips goes to `final/eval.json`.
+the latent statistics are measured on `stats_clips` clips (kept from the init with `trainable: decoder`), the
+(EMA) model is saved to `out_dir/final` (and to `stage.export` when set), and its reconstruction PSNR on
+`eval_clips` unseen clips goes to `final/eval.json`.
 """
 from __future__ import annotations
 
@@ -89,6 +93,7 @@ class Config:
     palette_temperature: float = 0.1
     latent_l2_weight: float = 1e-4
     latent_noise: float = 0.1            # relative to the batch's latent RMS; 0 = none
+    trainable: Literal["all", "decoder"] = "all"  # "decoder": encoder frozen, latent space and statistics kept
     threads: int = 2                     # torch intra-op threads (CPU)
     max_minutes: float = 0.0             # stop with a checkpoint after this much wall time; 0 = no limit
     stats_clips: int = 64
@@ -110,6 +115,7 @@ class Config:
             (self.palette_weight >= 0 and self.palette_temperature > 0,
              "stage.palette_weight must be >= 0 and stage.palette_temperature > 0"),
             (self.latent_noise >= 0, "stage.latent_noise must be >= 0"),
+            (self.trainable in ("all", "decoder"), "stage.trainable must be 'all' or 'decoder'"),
             (self.threads >= 1, "stage.threads must be >= 1"),
             (self.max_minutes >= 0, "stage.max_minutes must be >= 0"),
             (self.stats_clips >= 1 and self.eval_clips >= 1, "stage.stats_clips and stage.eval_clips must be >= 1"),
@@ -217,7 +223,8 @@ def reconstruction_loss(model: SmallVAE, pixels: Tensor, stage: Config, gen: tor
     """Loss terms of one batch (see the module docstring); `loss` is their weighted sum. `bf16`: run the
     network under bfloat16 autocast (the weights and the loss stay float32)."""
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        z = model.encode_raw(pixels).float()
+        with torch.set_grad_enabled(torch.is_grad_enabled() and stage.trainable == "all"):
+            z = model.encode_raw(pixels).float()
         rms = z.detach().pow(2).mean().sqrt()
         noisy = z + stage.latent_noise * rms * torch.randn(z.shape, generator=gen) if stage.latent_noise else z
         out = model.decode_raw(noisy)[:, 3:].float()
@@ -373,8 +380,12 @@ def finish(cfg: Any, model: SmallVAE, ema: EMA | None, out: Path) -> Path:
     """Measure latent statistics, save `out/final` (and `stage.export`), write the held-out PSNR."""
     stage = cfg.stage
     final = _final_model(model, ema)
-    mean, std = latent_statistics(final, dataset_clips(STATS_SEED_BASE, stage.stats_clips, stage.size,
-                                                        stage.source_frames))
+    if stage.trainable == "decoder":  # same encoder: keep the statistics every trained DiT was fitted to
+        init = SmallVAE.from_folder(cfg.train.init).config
+        mean, std = list(init.latents_mean), list(init.latents_std)
+    else:
+        mean, std = latent_statistics(final, dataset_clips(STATS_SEED_BASE, stage.stats_clips, stage.size,
+                                                            stage.source_frames))
     final.with_stats(mean, std)
     clips = dataset_clips(EVAL_SEED_BASE, stage.eval_clips, stage.size, stage.source_frames)
     recon = reconstruct(final, clips)
@@ -401,9 +412,14 @@ def run(cfg: Any, resume: bool = False) -> Path:
         raise ConfigError(f"{out} already has checkpoints; pass --resume to continue or choose another train.out_dir")
     torch.manual_seed(cfg.train.seed)
     model = SmallVAE(stage.model_config()).train()
+    if stage.trainable == "decoder":
+        if not cfg.train.init:
+            raise ConfigError("stage.trainable=decoder fine-tunes a trained VAE: set train.init to its folder")
+        model.encoder.requires_grad_(False)
     if cfg.train.init and latest is None:
         _load_init(model, cfg.train.init)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
                                   weight_decay=cfg.optim.weight_decay)
     ema = EMA(model, cfg.ema.decay) if cfg.ema.decay > 0 else None
     gen = torch.Generator().manual_seed(cfg.train.seed)
@@ -428,7 +444,7 @@ def run(cfg: Any, resume: bool = False) -> Path:
         terms = reconstruction_loss(model, pixels, stage, gen, bf16)
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or float("inf"))
         optimizer.step()
         if ema is not None and step >= cfg.ema.start_step:
             ema.update(model)
