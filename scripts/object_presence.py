@@ -1,0 +1,121 @@
+"""Where do a model's objects go? Diagnostics behind docs/results.md ("Run 7").
+
+    python scripts/object_presence.py prompts --out DIR [--n 200] [--draw 260] [--seed 20261128]
+        a second evaluation manifest (DIR/manifest.jsonl): `--draw` canonical prompts drawn like the standard set
+        (10 % held-out), minus those whose caption is in it, the first `--n` kept: prompts no choice was made on.
+
+    python scripts/object_presence.py presence --weights DIR --manifest EVAL.jsonl [--kind causal] [--block-size 1]
+                                              [--seed 0] [--vae shapes]
+        generates every prompt as `causal-forcing eval model` does (same seeds, so the same clips) and, for each
+        expected object the judge does not find in >= 90 % of the frames, says how it fails: never drawn (and
+        whether it is the second object of a prompt), drawn at first and gone by the end (and whether it was at
+        the canvas edge when last seen), drawn only later, or flickering.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from causal_forcing.data import shapes
+from causal_forcing.data.shapes_io import read_manifest
+from causal_forcing.eval import models as M
+from causal_forcing.eval import shapesbench as SB
+
+
+def fresh_prompts(args: argparse.Namespace) -> None:
+    standard = {p.caption for p in shapes.standard_eval_prompts()}
+    drawn = shapes.standard_eval_prompts(n=args.draw, seed=args.seed)
+    prompts = [p for p in drawn if p.caption not in standard][:args.n]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "manifest.jsonl", "w") as f:
+        for i, p in enumerate(prompts):
+            f.write(json.dumps({"caption": p.caption, "held_out": p.held_out, "size": 64,
+                                "file": f"fresh_{i:03d}.npz"}) + "\n")
+    two = sum(" and " in p.caption for p in prompts)
+    print(f"wrote {len(prompts)} prompts ({sum(p.held_out for p in prompts)} held-out, {two} two-object) to "
+          f"{out / 'manifest.jsonl'}")
+
+
+def classify_object(present: np.ndarray, box_last: np.ndarray | None, canvas: int) -> str:
+    """How an object that is present in < 90 % of the frames fails (`present`: bool per frame)."""
+    head, tail = present[:17].mean(), present[-20:].mean()
+    if not present.any():
+        return "never"
+    if head >= 0.9 and tail < 0.5:
+        y0, x0, y1, x1 = box_last
+        return "vanishes at the edge" if min(y0, x0) <= 1 or max(y1, x1) >= canvas - 1 else "vanishes inside"
+    if head < 0.5 and tail >= 0.9:
+        return "appears late"
+    return "flickers"
+
+
+def presence(args: argparse.Namespace) -> None:
+    from causal_forcing.models.small_vae import load_vae
+    from causal_forcing.models.text import build_text_encoder
+    entries = read_manifest(args.manifest)
+    model = M.load_model_folder(args.weights)
+    text = build_text_encoder("minilm", text_len=model.config.text_len, device="cpu")
+    vae = load_vae(args.vae)
+    settings = M.EvalSettings(kind=args.kind, block_size=args.block_size, seed=args.seed)
+    counts: dict[str, int] = {}
+    total = 0
+    for start in range(0, len(entries), settings.batch_size):
+        batch = entries[start:start + settings.batch_size]
+        ctx = text.encode([e["caption"] for e in batch]).float()
+        size = batch[0].get("size", 64)
+        hw = (size // vae.spatial_factor,) * 2
+        lat = M.generate_latents(model, ctx, torch.zeros_like(ctx), settings, 1 + (settings.frames - 1) // 4, hw,
+                                 settings.seed + start)
+        with torch.no_grad():
+            clips = M._pixels_to_uint8(vae.decode(lat))
+        for entry, clip in zip(batch, clips):
+            cls, _ = SB.classify(clip)
+            tracks = SB.all_tracks(cls, SB.noise_area(clip.shape[1]))
+            objects = shapes.parse_caption(entry["caption"])
+            for k, attrs in enumerate(objects):
+                total += 1
+                track = tracks.get(attrs.color)
+                present = track.present if track is not None else np.zeros(clip.shape[0], bool)
+                if present.mean() >= SB.PRESENT_FRACTION:
+                    continue
+                last = track.box[np.flatnonzero(present)[-1]] if present.any() else None
+                kind = classify_object(present, last, clip.shape[1])
+                if kind == "never":
+                    kind += " (second of two)" if k == 1 else " (first of two)" if len(objects) == 2 else " (alone)"
+                counts[kind] = counts.get(kind, 0) + 1
+    missing = sum(counts.values())
+    print(f"{missing} of {total} expected objects are present in < {SB.PRESENT_FRACTION:.0%} of the frames:")
+    for kind, n in sorted(counts.items(), key=lambda kv: -kv[1]):
+        print(f"  {kind:28s} {n}")
+    print(json.dumps({"objects": total, "missing": missing, **counts}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prompts", help="a fresh prompt manifest disjoint from the standard set")
+    p.add_argument("--out", required=True)
+    p.add_argument("--n", type=int, default=200)
+    p.add_argument("--draw", type=int, default=260)
+    p.add_argument("--seed", type=int, default=20261128)
+    p.set_defaults(func=fresh_prompts)
+    p = sub.add_parser("presence", help="how expected objects go missing")
+    p.add_argument("--weights", required=True)
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--kind", default="causal", choices=["causal", "autoregressive", "bidirectional"])
+    p.add_argument("--block-size", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vae", default="shapes")
+    p.set_defaults(func=presence)
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
