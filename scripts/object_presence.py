@@ -6,7 +6,7 @@
 
     python scripts/object_presence.py presence --weights DIR --manifest EVAL.jsonl [--kind causal] [--block-size 1]
                                               [--seed 0] [--vae shapes]
-        generates every prompt as `causal-forcing eval model` does (same seeds, so the same clips) and, for each
+        generates every prompt as `causal-forcing eval model` does (`generate_clips`: the same clips) and, for each
         expected object the judge does not find in >= 90 % of the frames, says how it fails: never drawn (and
         whether it is the second object of a prompt), drawn at first and gone by the end (and whether it was at
         the canvas edge when last seen), drawn only later, or flickering.
@@ -64,15 +64,7 @@ def presence(args: argparse.Namespace) -> None:
     settings = M.EvalSettings(kind=args.kind, block_size=args.block_size, seed=args.seed)
     counts: dict[str, int] = {}
     total = 0
-    for start in range(0, len(entries), settings.batch_size):
-        batch = entries[start:start + settings.batch_size]
-        ctx = text.encode([e["caption"] for e in batch]).float()
-        size = batch[0].get("size", 64)
-        hw = (size // vae.spatial_factor,) * 2
-        lat = M.generate_latents(model, ctx, torch.zeros_like(ctx), settings, 1 + (settings.frames - 1) // 4, hw,
-                                 settings.seed + start)
-        with torch.no_grad():
-            clips = M._pixels_to_uint8(vae.decode(lat))
+    for batch, clips in M.generate_clips(model, vae, text, entries, settings):
         for entry, clip in zip(batch, clips):
             cls, _ = SB.classify(clip)
             tracks = SB.all_tracks(cls, SB.noise_area(clip.shape[1]))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -81,6 +81,22 @@ def generate_latents(model: WanDiT, context: torch.Tensor, negative: torch.Tenso
                                 guidance=s.guidance, generator=gen)
 
 
+def generate_clips(model: WanDiT, vae: Any, text_encoder: Any, entries: Sequence[dict],
+                   settings: EvalSettings) -> Iterator[tuple[list[dict], np.ndarray]]:
+    """Generate one clip per manifest entry, `settings.batch_size` prompts at a time; yields each batch's entries
+    and its uint8 clips `[B, T, H, W, 3]`. A batch starting at entry `start` uses noise seed `settings.seed +
+    start`, so a given (settings, manifest) always gives the same clips, whatever decodes or judges them."""
+    latent_frames = 1 + (settings.frames - 1) // 4
+    size = entries[0].get("size", 64)
+    hw = (size // vae.spatial_factor, size // vae.spatial_factor)
+    for start in range(0, len(entries), settings.batch_size):
+        batch = list(entries[start:start + settings.batch_size])
+        ctx = text_encoder.encode([e["caption"] for e in batch]).float()
+        lat = generate_latents(model, ctx, torch.zeros_like(ctx), settings, latent_frames, hw, settings.seed + start)
+        with torch.no_grad():
+            yield batch, _pixels_to_uint8(vae.decode(lat))
+
+
 def evaluate(model: WanDiT, vae: Any, text_encoder: Any, manifest: str | Path, settings: EvalSettings, *,
              out_dir: str | Path | None = None, limit: int | None = None, progress: bool = False) -> dict:
     """Generate and judge one clip per manifest entry; returns the ShapesBench report (plus timing)."""
@@ -88,9 +104,6 @@ def evaluate(model: WanDiT, vae: Any, text_encoder: Any, manifest: str | Path, s
     if not entries:
         raise InputError(f"no prompts to evaluate in {manifest}")
     model.eval()
-    latent_frames = 1 + (settings.frames - 1) // 4
-    size = entries[0].get("size", 64)
-    hw = (size // vae.spatial_factor, size // vae.spatial_factor)
     out = Path(out_dir) if out_dir else None
     if out:
         out.mkdir(parents=True, exist_ok=True)
@@ -100,14 +113,8 @@ def evaluate(model: WanDiT, vae: Any, text_encoder: Any, manifest: str | Path, s
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=len(entries), desc=f"eval {settings.kind}", dynamic_ncols=True)
-    for start in range(0, len(entries), settings.batch_size):
-        batch = entries[start:start + settings.batch_size]
-        captions = [e["caption"] for e in batch]
-        ctx = text_encoder.encode(captions).float()
-        neg = torch.zeros_like(ctx)
-        lat = generate_latents(model, ctx, neg, settings, latent_frames, hw, settings.seed + start)
-        with torch.no_grad():
-            frames = _pixels_to_uint8(vae.decode(lat))
+    start = 0
+    for batch, frames in generate_clips(model, vae, text_encoder, entries, settings):
         for j, (entry, clip) in enumerate(zip(batch, frames)):
             try:
                 results.append({**shapesbench.score_clip(clip, entry["caption"]), "file": entry.get("file")})
@@ -116,6 +123,7 @@ def evaluate(model: WanDiT, vae: Any, text_encoder: Any, manifest: str | Path, s
             if out is not None and start + j < settings.save_videos:
                 save_mp4(out / f"{Path(entry.get('file', f'clip_{start + j:03d}')).stem}.mp4", clip,
                          pix_fmt="yuv444p")
+        start += len(batch)
         if bar is not None:
             bar.update(len(batch))
     if bar is not None:
