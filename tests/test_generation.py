@@ -137,6 +137,45 @@ def test_pipeline_spec_is_strict(folder, tmp_path):
     assert (config.window_frames, config.sink_frames, config.sink_rope) == (6, 1, "rolling")
 
 
+
+def test_first_frame_model_in_a_pipeline_folder(tmp_path, tiny_parts):
+    """A pipeline folder with a first-frame model: written, read back strictly, loaded, and its video equals the
+    engine run by hand (the sampler makes frame 0, the student the rest; one-shot decode)."""
+    import dataclasses
+
+    from causal_forcing.pipelines.first_frame import FirstFrameSampler, FirstFrameSpec
+
+    dit, autoencoder = tiny_parts
+    first = fan_in_init(WanDiT(TINY_DIT.replace(abs_pos_freqs=2)), seed=3).eval()
+    spec = dataclasses.replace(SPEC, first_frame=FirstFrameSpec(steps=3, guidance=2.0, solver="euler"))
+    with pytest.raises(ConfigError, match="no first-frame model given"):
+        save_pipeline_folder(tmp_path / "bad", spec, dit, vae=autoencoder)
+    folder = save_pipeline_folder(tmp_path / "ff", spec, dit, vae=autoencoder, first_frame=first)
+    assert read_pipeline_spec(folder) == spec
+    pipe = load_pipeline(folder)
+    assert "first-frame model" in pipe.description
+    for key, value in first.state_dict().items():
+        assert torch.equal(pipe.first_frame.model.state_dict()[key], value), key
+    with pipe.stream(PROMPT, seed=3) as stream:
+        blocks = list(stream)
+    assert [len(b) for b in blocks] == [1, 4, 4] and stream.num_blocks == 3
+    with torch.no_grad():
+        latents = sample_causal(pipe.model, pipe.encode_prompt(PROMPT), latent_hw=LATENT_HW, num_frames=3,
+                                config=pipe.stream_config, seed=3,
+                                first_frame=FirstFrameSampler(first, spec.first_frame))
+        expected = pixels_to_frames(pipe.vae.decode(latents))
+    np.testing.assert_array_equal(np.concatenate(blocks), expected)
+
+    data = json.loads((folder / "pipeline.json").read_text())
+    for edit, message in ((dict(solver="heun"), "solver"), (dict(steps=0), "steps"), (dict(guidance=0.5), "guidance"),
+                          (dict(extra=1), "unknown config key 'first_frame.extra'")):
+        (tmp_path / "pipeline.json").write_text(json.dumps({**data, "first_frame": {**data["first_frame"], **edit}}))
+        with pytest.raises(ConfigError, match=message):
+            read_pipeline_spec(tmp_path)
+    (folder / "first_frame" / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="first-frame model not found"):
+        load_pipeline(folder)
+
 def test_released_spec_matches_the_released_configs(tmp_path):
     four = released_spec(tmp_path, "framewise", 4)
     assert (four.block_size, four.latent_hw, four.num_frames, four.fps) == (1, (60, 104), 81, 16)

@@ -321,7 +321,16 @@ def test_cli_eval_model_scores_a_checkpoint(tmp_path, capsys):
         assert summary["kind"] == kind and summary["in_distribution"] == saved["in_distribution"]
         assert saved["all"]["n"] == 2 and sorted(os.listdir(out)) == ["eval_000.mp4", "eval_001.mp4", "scores.json"]
         assert 0.0 <= summary["in_distribution"]["total"] <= 1.0
-    bads = [["--weights", str(tmp_path / "missing")], ["--limit", "0"], ["--block-size", "0"], ["--device", "gpu0"]]
+    # A first-frame model (any DiT folder of the same latent/text sizes) makes frame 0: the clips change.
+    save_model_folder(WanDiT(config.replace(abs_pos_freqs=2)), config.replace(abs_pos_freqs=2), tmp_path / "ff")
+    out = tmp_path / "causal_ff"
+    assert main(["eval", "model", "--weights", str(tmp_path / "dit"), "--kind", "causal", "--manifest",
+                 str(manifest), "--vae", str(tmp_path / "vae"), "--limit", "2", "--out", str(out), "--steps", "2",
+                 "--first-frame", str(tmp_path / "ff"), "--teacher-steps", "2"]) == 0
+    assert (out / "eval_000.mp4").read_bytes() != (tmp_path / "causal" / "eval_000.mp4").read_bytes()
+    capsys.readouterr()
+    bads = [["--weights", str(tmp_path / "missing")], ["--limit", "0"], ["--block-size", "0"], ["--device", "gpu0"],
+            ["--first-frame", str(tmp_path / "missing")], ["--first-frame", str(tmp_path / "ff"), "--no-first-frame"]]
     if not torch.cuda.is_available():
         bads.append(["--device", "cuda"])
     for bad in bads:

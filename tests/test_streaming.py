@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from causal_forcing.models.attention import BlockCausal
-from causal_forcing.pipelines.streaming import (CausalStream, ReplayNoise, StreamConfig,
+from causal_forcing.pipelines.streaming import (CausalStream, ReplayNoise, SeededNoise, StreamConfig,
                                                 sample_causal)
 from causal_forcing.schedulers.flow import FewStepSchedule
 
@@ -117,3 +117,34 @@ def test_context_noise_commit_draws_noise(tiny_model):
     clean = sample_causal(tiny_model, ctx, latent_hw=HW, num_frames=3, seed=0)
     noisy = sample_causal(tiny_model, ctx, latent_hw=HW, num_frames=3, seed=0, config=StreamConfig(commit_t=100.0))
     assert torch.equal(clean[:, 0], noisy[:, 0]) and (clean[:, 1:] - noisy[:, 1:]).abs().max() > 1e-4
+
+
+def test_first_frame_model_equals_its_sampler_then_i2v(tiny_model):
+    """Truth: a stream with a first-frame model == that model's many-step sampler for frame 0 (same noise), then
+    the student continuing from it exactly like I2V from an image (same later noise, same commit)."""
+    from causal_forcing.models.wan import WanDiT
+    from causal_forcing.pipelines.first_frame import FirstFrameSampler, FirstFrameSpec
+    from causal_forcing.pipelines.teacher import sample_autoregressive
+    from conftest import fan_in_init
+
+    other = fan_in_init(WanDiT(tiny_model.config.replace(abs_pos_freqs=2)), seed=7).eval()
+    sampler = FirstFrameSampler(other, FirstFrameSpec(steps=3, guidance=2.5, solver="euler"))
+    ctx = _ctx(tiny_model, batch=2)
+    calls = []
+    out = sample_causal(tiny_model, ctx, latent_hw=HW, num_frames=4, config=StreamConfig(block_size=2), seed=5,
+                        first_frame=sampler, trace=calls.append)
+    assert out.shape[1] == 4
+
+    gen = torch.Generator().manual_seed(5)
+    noise0 = torch.randn(2, 1, 16, *HW, generator=gen)
+    frame0 = sample_autoregressive(other, ctx, torch.zeros_like(ctx), num_frames=1, latent_hw=HW, steps=3,
+                                   guidance=2.5, solver="euler", noise=noise0)
+    assert torch.allclose(out[:, :1], frame0, atol=1e-6)
+    # The rest: the student after frame 0 committed like its own block, drawing noise after frame 0's.
+    stream = CausalStream(tiny_model, ctx, latent_hw=HW, num_frames=4, config=StreamConfig(block_size=2),
+                          noise=SeededNoise.from_generator(gen), initial_latent=frame0)
+    assert torch.allclose(out, stream.generate(), atol=1e-5)
+    kinds = [(c["kind"], c["start_frame"]) for c in calls]
+    assert kinds[:2] == [("commit", 0), ("denoise", 1)]    # frame 0 goes into the cache, then frame 1 starts
+    assert all(not (k == "denoise" and s == 0) for k, s in kinds)
+

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
 from ..data.shapes_io import MANIFEST_NAME, atomic_open
 from ..eval import shapesbench
@@ -54,6 +55,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     m.add_argument("--out", default=None, metavar="DIR", help="write scores.json and the first clips as MP4 here")
     m.add_argument("--save-videos", type=int, default=8, metavar="N", help="clips written to --out (default 8)")
     m.add_argument("--device", default="cpu", help="where to generate: cpu (default), cuda, cuda:N")
+    m.add_argument("--first-frame", default=None, metavar="DIR",
+                   help="causal kind: a model folder that makes latent frame 0 (--teacher-steps, --guidance); "
+                        "default: the first-frame model named by the pipeline.json in --weights, if any")
+    m.add_argument("--no-first-frame", action="store_true",
+                   help="causal kind: the student makes frame 0 too, even if --weights names a first-frame model")
     m.set_defaults(func=run_model)
 
 
@@ -97,6 +103,37 @@ def run_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _first_frame(args: argparse.Namespace, device: Any) -> Any:
+    """The first-frame sampler for ``eval model``: --first-frame, else the one --weights' pipeline.json names."""
+    from pathlib import Path
+
+    from ..errors import InputError
+    from ..eval.models import load_model_folder
+    from ..pipelines.first_frame import FirstFrameSampler, FirstFrameSpec
+    from ..pipelines.loading import PIPELINE_FILE, read_pipeline_spec
+
+    if args.no_first_frame:
+        if args.first_frame is not None:
+            raise InputError("--first-frame and --no-first-frame exclude each other")
+        return None
+    if args.first_frame is not None:
+        folder, spec = Path(args.first_frame), FirstFrameSpec(args.first_frame, args.teacher_steps, args.guidance)
+    elif (Path(args.weights) / PIPELINE_FILE).is_file():
+        spec = read_pipeline_spec(args.weights).first_frame
+        if spec is None:
+            return None
+        folder = Path(args.weights) / spec.path
+    else:
+        return None
+    if args.kind != "causal":
+        if args.first_frame is not None:
+            raise InputError("--first-frame applies to --kind causal only")
+        return None
+    if not folder.is_dir():
+        raise InputError(f"first-frame model folder not found: {folder}")
+    return FirstFrameSampler(load_model_folder(folder).to(device), spec)
+
+
 def run_model(args: argparse.Namespace) -> int:
     """Generate and judge the manifest's prompts with one checkpoint; print the table and a final JSON line."""
     from ..errors import InputError
@@ -118,12 +155,13 @@ def run_model(args: argparse.Namespace) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda: no CUDA device is available")
     model = load_model_folder(args.weights).to(device)
+    first_frame = _first_frame(args, device)
     vae = load_vae(args.vae, device=device)
     text = build_text_encoder("minilm", text_len=model.config.text_len, device=str(device))
     every, first = RELEASED_STEPS[args.steps]
     settings = EvalSettings(kind=args.kind, block_size=args.block_size, steps=every, first_block_steps=first,
                             teacher_steps=args.teacher_steps, guidance=args.guidance, seed=args.seed,
-                            batch_size=args.batch_size, save_videos=args.save_videos)
+                            batch_size=args.batch_size, save_videos=args.save_videos, first_frame=first_frame)
     report = evaluate(model, vae, text, args.manifest, settings, out_dir=args.out, limit=args.limit, progress=True)
     _print_report(report, kind=args.kind, seconds=round(report["seconds"], 1))
     return 0

@@ -226,6 +226,10 @@ def describe_folder(folder: Path) -> dict[str, Any]:
                             "latent_hw": list(spec.latent_hw), "num_frames": spec.num_frames, "fps": spec.fps,
                             "text_encoder": f"{spec.text_encoder.kind} (text_len {spec.text_encoder.text_len})",
                             "vae": f"{spec.vae.kind} ({spec.vae.path})"}
+        if spec.first_frame is not None:
+            ff = spec.first_frame
+            info["pipeline"]["first_frame"] = (f"{ff.path} ({ff.steps} {ff.solver} steps, guidance {ff.guidance:g}, "
+                                               f"shift {ff.shift:g})")
     elif diffusers:
         kind = "diffusers WanTransformer3DModel folder"
     elif any((folder / name).is_file() for name in _WAN_BASE_FILES):

@@ -44,6 +44,7 @@ class EvalSettings:
     seed: int = 0
     batch_size: int = 25
     save_videos: int = 8                                     # first N clips also written as MP4
+    first_frame: Any = None                                  # causal: a FirstFrameSampler that makes frame 0
 
 
 def load_model_folder(path: str | Path) -> WanDiT:
@@ -69,7 +70,8 @@ def generate_latents(model: WanDiT, context: torch.Tensor, negative: torch.Tenso
     if s.kind == "causal":
         sched = FewStepSchedule.from_config(s.steps, s.first_block_steps)
         stream = CausalStream(model, context, latent_hw=latent_hw, num_frames=latent_frames,
-                              config=StreamConfig(block_size=s.block_size, schedule=sched), seed=seed)
+                              config=StreamConfig(block_size=s.block_size, schedule=sched), seed=seed,
+                              first_frame=s.first_frame)
         return stream.generate()
     gen = torch.Generator(device=context.device).manual_seed(seed)
     if s.kind == "autoregressive":

@@ -207,7 +207,7 @@ class InteractiveStream:
             try:
                 self._latents = CausalStream(pipeline.model, context, latent_hw=pipeline.latent_hw,
                                              num_frames=latent_frames, config=config, seed=seed,
-                                             initial_latent=initial)
+                                             initial_latent=initial, first_frame=pipeline.first_frame)
             except ValueError as e:  # a window that cannot hold a block, too few frames, ...
                 raise InputError(str(e)) from None
             self._decoder = pipeline.vae.streaming_decoder()

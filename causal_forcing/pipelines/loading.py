@@ -51,6 +51,7 @@ from ..models.text_infer import umt5_config_for_folder
 from ..models.wan import WanDiT
 from ..schedulers.flow import FewStepSchedule
 from ..training.config import from_dict, to_dict
+from .first_frame import FirstFrameSampler, FirstFrameSpec
 from .streaming import StreamConfig
 from .video import MP4_PIXEL_FORMATS, VideoPipeline, VideoVAE, resolve_device, resolve_dtype
 
@@ -141,7 +142,8 @@ class PipelineSpec:
 
     ``steps`` / ``first_block_steps`` are config-style lists (e.g. [1000, 750, 500, 250]), warped onto the
     shifted training grid when ``warp_steps``; ``num_frames`` is the default pixel frame count (1 + 4k);
-    ``pix_fmt`` the MP4 pixel format (None: yuv444p below 256 px, else yuv420p).
+    ``pix_fmt`` the MP4 pixel format (None: yuv444p below 256 px, else yuv420p); ``first_frame`` an optional
+    first-frame model (``pipelines.first_frame``; its ``path`` is relative to the folder).
     """
 
     block_size: int
@@ -161,6 +163,7 @@ class PipelineSpec:
     fps: int = 16
     pix_fmt: str | None = None
     model_kind: str = "wan-dit"
+    first_frame: FirstFrameSpec | None = None
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -439,9 +442,22 @@ def load_pipeline(model: str | Path | None = None, *, base: str | Path | None = 
     vae = VAE_KINDS[spec.vae.kind](root / spec.vae.path, torch.device("cpu"), vae_dtype)
     text_device, text_dtype = _text_placement(dev, dt, offload)
     text_encoder = _build_text_encoder(spec.text_encoder, root, text_device, text_dtype)
+    first_frame = None if spec.first_frame is None else _load_first_frame(spec.first_frame, root, dt)
+    if first_frame is not None:
+        what += f" + first-frame model ({spec.first_frame.steps} steps)"
     return VideoPipeline(dit, text_encoder, vae, stream_config=spec.stream_config(), latent_hw=spec.latent_hw,
                          fps=spec.fps, default_frames=spec.num_frames, device=dev, dtype=dt, vae_dtype=vae_dtype,
-                         offload=offload, pix_fmt=spec.pix_fmt, description=what)
+                         offload=offload, pix_fmt=spec.pix_fmt, description=what, first_frame=first_frame)
+
+
+def _load_first_frame(spec: FirstFrameSpec, root: Path, dtype: torch.dtype) -> FirstFrameSampler:
+    """The first-frame model of a pipeline folder: a model folder at ``root / spec.path``."""
+    folder = root / spec.path
+    if not (folder / WAN_CONFIG_FILE).is_file():
+        raise CheckpointError(f"first-frame model not found: {folder} (no {WAN_CONFIG_FILE})")
+    config = read_model_config(folder / WAN_CONFIG_FILE)
+    model, _ = _load_dit(config, folder, ema=False, prefer_ema=False, dtype=dtype)
+    return FirstFrameSampler(model, spec)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -462,14 +478,19 @@ def _save_wan_vae(vae: Any, folder: Path) -> None:
 
 
 def save_pipeline_folder(folder: str | Path, spec: PipelineSpec, model: WanDiT | Mapping[str, torch.Tensor], *,
-                         config: ModelConfig | None = None, vae: Any = None) -> Path:
+                         config: ModelConfig | None = None, vae: Any = None,
+                         first_frame: WanDiT | None = None) -> Path:
     """Write a pipeline folder that ``load_pipeline`` reads: the DiT, the VAE (when given), then ``pipeline.json``.
 
     ``model`` is a ``WanDiT`` or a Wan-layout state dict (then ``config`` is required). ``vae`` (a ``WanVAE`` or a
     diffusers ``AutoencoderKLWan``) is written to ``spec.vae.path``; without it that path must already hold a
-    VAE. Each file is written atomically and ``pipeline.json`` last, so a half-written folder never loads.
+    VAE. ``first_frame`` (a ``WanDiT``) is written to ``spec.first_frame.path``; a spec with a first-frame entry
+    and no model needs one there already. Each file is written atomically and ``pipeline.json`` last, so a
+    half-written folder never loads.
     """
     folder = Path(folder)
+    if first_frame is not None and spec.first_frame is None:
+        raise ConfigError("a first-frame model was given but the spec has no first_frame entry")
     if config is None:
         if not isinstance(model, WanDiT):
             raise ConfigError("save_pipeline_folder needs config= when model is a state dict")
@@ -485,6 +506,10 @@ def save_pipeline_folder(folder: str | Path, spec: PipelineSpec, model: WanDiT |
             raise ConfigError(f"save_pipeline_folder cannot write VAEs of kind {spec.vae.kind!r}")
     elif not (folder / spec.vae.path).exists():
         raise ConfigError(f"no VAE given and none at {folder / spec.vae.path}")
+    if first_frame is not None:
+        save_model_folder(first_frame, first_frame.config, folder / spec.first_frame.path)  # type: ignore[union-attr]
+    elif spec.first_frame is not None and not (folder / spec.first_frame.path / WAN_CONFIG_FILE).is_file():
+        raise ConfigError(f"no first-frame model given and none at {folder / spec.first_frame.path}")
     with atomic_path(folder / PIPELINE_FILE) as tmp:
         tmp.write_text(json.dumps(spec.to_dict(), indent=2) + "\n", encoding="utf-8")
     return folder

@@ -13,6 +13,8 @@ shared and stateless. Per block:
 
 The commit after the last block of a finite video is skipped by default (it only prepares a next block).
 I2V puts the image latent first: it is committed to the cache at t = 0 and yielded as the first frames.
+A first-frame model (``pipelines.first_frame``), when given and there is no image, makes frame 0 with its own
+sampler; the frame is then committed and continued like a block of the student's own.
 Noise comes from one ``NoiseSource``; ``SeededNoise`` draws every tensor from one seeded generator in call
 order (initial noise of a block when the block starts, then each renoising draw), ``ReplayNoise`` replays
 given tensors (to reproduce another implementation's run exactly).
@@ -173,8 +175,12 @@ class CausalStream:
     def __init__(self, model: WanDiT, context: Tensor, *, latent_hw: tuple[int, int],
                  num_frames: int | None, config: StreamConfig | None = None, noise: NoiseSource | None = None,
                  seed: int = 0, initial_latent: Tensor | None = None, trace: TraceFn | None = None,
-                 exit_steps: Callable[[int], int] | None = None, grad_exit: bool = False):
+                 exit_steps: Callable[[int], int] | None = None, grad_exit: bool = False,
+                 first_frame: Callable[[Tensor, Tensor], Tensor] | None = None):
         self.model = model
+        # Optional first-frame model (pipelines.first_frame): (context, noise [B, 1, C, H, W]) -> latent frame 0.
+        # Without an I2V image it makes frame 0; the student then starts at frame 1, as after an image.
+        self.first_frame = first_frame
         # Self-forcing rollouts (training): stop block b after step exit_steps(b), with gradient on that step.
         self.exit_steps = exit_steps
         self.grad_exit = grad_exit
@@ -230,6 +236,14 @@ class CausalStream:
                          t=0.0, trace=self.trace, block=-1, kind="image")
             self.frame = img.shape[1]
             return img
+        if self.frame == 0 and self.first_frame is not None:
+            x = self.noise.initial((self.batch_size, 1, self.model.config.in_dim, *self.latent_hw))
+            img = self.first_frame(self.context, x.to(self.device, torch.float32)).to(self.device, self.dtype)
+            self.frame = 1
+            self._pending_commit = (img, 0)   # committed like a generated block (block index -1 in traces)
+            if self.done and self.cfg.commit_last:
+                self._flush_commit()
+            return img
         n = self.cfg.block_size if self.num_frames is None else min(self.cfg.block_size, self.num_frames - self.frame)
         C = self.model.config.in_dim
         shape = (self.batch_size, n, C, *self.latent_hw)
@@ -265,7 +279,8 @@ class CausalStream:
 
 def sample_causal(model: WanDiT, context: Tensor, *, latent_hw: tuple[int, int], num_frames: int,
                   config: StreamConfig | None = None, noise: NoiseSource | None = None, seed: int = 0,
-                  initial_latent: Tensor | None = None, trace: TraceFn | None = None) -> Tensor:
+                  initial_latent: Tensor | None = None, trace: TraceFn | None = None,
+                  first_frame: Callable[[Tensor, Tensor], Tensor] | None = None) -> Tensor:
     """Generate a whole latent video with the streaming sampler (convenience wrapper of ``CausalStream``)."""
     return CausalStream(model, context, latent_hw=latent_hw, num_frames=num_frames, config=config, noise=noise,
-                        seed=seed, initial_latent=initial_latent, trace=trace).generate()
+                        seed=seed, initial_latent=initial_latent, trace=trace, first_frame=first_frame).generate()

@@ -37,6 +37,7 @@ from ..errors import ConfigError, InputError
 from ..models.text import CachedTextEncoder, TextEncoder
 from ..models.vae import ImageSource, latent_frames_for, load_image, pixel_frames_for, pixels_to_frames
 from ..models.wan import WanDiT
+from .first_frame import FirstFrameSampler
 from .streaming import CausalStream, StreamConfig
 
 __all__ = [
@@ -249,7 +250,7 @@ class VideoPipeline:
                  latent_hw: tuple[int, int], fps: int = 16, default_frames: int = 81,
                  device: str | torch.device = "cpu", dtype: str | torch.dtype = torch.float32,
                  vae_dtype: str | torch.dtype | None = None, offload: bool = False, pix_fmt: str | None = None,
-                 description: str = "") -> None:
+                 description: str = "", first_frame: FirstFrameSampler | None = None) -> None:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype)
         self.vae_dtype = (resolve_dtype(vae_dtype) if vae_dtype is not None
@@ -273,12 +274,20 @@ class VideoPipeline:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         self.model = model.eval().requires_grad_(False)
+        self.first_frame = first_frame
+        if first_frame is not None:
+            c = first_frame.model.config
+            if (c.in_dim, c.text_dim) != (model.config.in_dim, model.config.text_dim):
+                raise ConfigError(f"the first-frame model has in_dim={c.in_dim}, text_dim={c.text_dim}; the DiT "
+                                  f"has {model.config.in_dim}, {model.config.text_dim}")
+            first_frame.model.eval().requires_grad_(False)
         self.vae = vae
         self.text_encoder = text_encoder if isinstance(text_encoder, CachedTextEncoder) \
             else CachedTextEncoder(text_encoder)
         self._users = 0
         park = torch.device("cpu") if self.offload else self.device
-        self.model.to(device=park, dtype=self.dtype)
+        for net in self._dits():
+            net.to(device=park, dtype=self.dtype)
         self.vae.to(device=park, dtype=self.vae_dtype)
         self.default_frames = default_frames
         self.latent_frames(default_frames)  # validates the default
@@ -306,15 +315,20 @@ class VideoPipeline:
         return latent_frames_for(n)
 
     def num_blocks(self, num_frames: int | None = None, *, image: bool = False) -> int:
-        """Blocks a stream yields (the I2V image is one block of its own)."""
-        generated = self.latent_frames(num_frames) - int(image)
-        return int(image) + -(-generated // self.block_size)
+        """Blocks a stream yields (the I2V image, or else the first-frame model's frame, is one block of its own)."""
+        own_first = int(image or self.first_frame is not None)
+        generated = self.latent_frames(num_frames) - own_first
+        return own_first + -(-generated // self.block_size)
+
+    def _dits(self) -> list[WanDiT]:
+        return [self.model] + ([] if self.first_frame is None else [self.first_frame.model])
 
     # ---- placement (offload) -------------------------------------------------------------------------------
     def _acquire(self) -> None:
         """A stream starts: with offload, move the DiT and the VAE to the device for the first one."""
         if self.offload and self._users == 0:
-            self.model.to(self.device)
+            for net in self._dits():
+                net.to(self.device)
             self.vae.to(device=self.device)
         self._users += 1
 
@@ -322,7 +336,8 @@ class VideoPipeline:
         """A stream ends: with offload, park the DiT and the VAE on the CPU after the last one."""
         self._users -= 1
         if self.offload and self._users == 0:
-            self.model.to("cpu")
+            for net in self._dits():
+                net.to("cpu")
             self.vae.to(device="cpu")
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -436,7 +451,7 @@ class VideoStream:
             initial = None if image is None else pipeline.encode_image(image)
             self._latents = CausalStream(pipeline.model, context, latent_hw=pipeline.latent_hw,
                                          num_frames=latent_frames, config=pipeline.stream_config, seed=seed,
-                                         initial_latent=initial)
+                                         initial_latent=initial, first_frame=pipeline.first_frame)
             self._decoder = pipeline.vae.streaming_decoder()
             self._device = self._latents.device
             _sync(self._device)
