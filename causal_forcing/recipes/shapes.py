@@ -3,6 +3,7 @@
     data → VAE → latents + MiniLM embeddings → bidirectional teacher → AR teachers (frame-/chunk-wise)
     → ODE data (causal; bidirectional for the baseline) → few-step inits (causal ODE, causal CD, Self Forcing ODE)
     → DMD from each → ShapesBench evaluation of everything
+    (+ the first-frame model of the shipped pipelines: the frame-wise AR teacher fine-tuned on frame 0)
 
 Each step has one output; a step whose output exists is skipped, a training step with checkpoints resumes, so
 the recipe can be interrupted at any moment and run again (``causal-forcing recipe shapes --out DIR``).
@@ -29,7 +30,7 @@ TEXT_LEN = 32
 FEW_STEP = [1000.0, 750.0, 500.0, 250.0]
 #: The stage config files the plan reads (from configs/shapes or the folder given as ``configs``).
 STAGE_FILES = ("bidirectional_short.yaml", "bidirectional.yaml", "ar_diffusion.yaml", "ode_data.yaml",
-               "causal_ode.yaml", "causal_cd.yaml", "dmd.yaml")
+               "causal_ode.yaml", "causal_cd.yaml", "dmd.yaml", "first_frame.yaml")
 #: The frame-wise inits of the key comparison (causal ODE init vs Self Forcing's bidirectional ODE init).
 KEY_INITS = ("causal_ode_framewise", "self_forcing_ode_framewise")
 #: The causal inits behind each bundled pipeline folder (and its block size): each init and its DMD student are
@@ -202,6 +203,11 @@ class ShapesRecipe:
                                       [lat, f"train.init={bidir}", f"stage.block_size={block}"]), ["bidirectional"]))
             S.append(Step(f"ode-causal-{mode}", self.p("ode", f"causal_{mode}"),
                           self._ode(f"causal_{mode}", self.final(f"ar_{mode}"), "causal", block), [f"ar-{mode}"]))
+        # The first-frame model of the shipped pipelines (pipelines/first_frame.py): the frame-wise AR teacher
+        # fine-tuned on latent frame 0 alone, with the absolute position embedding.
+        S.append(Step("first-frame", self.final("first_frame"),
+                      self._train("ar-diffusion", "first_frame.yaml", "first_frame",
+                                  [lat, f"train.init={self.final('ar_framewise')}"]), ["ar-framewise"]))
         S.append(Step("ode-bidirectional", self.p("ode", "bidirectional"),
                       self._ode("bidirectional", bidir, "bidirectional", 1), ["bidirectional"]))
         # init name → (stage, config, block size, overrides, the steps it reads)
@@ -272,11 +278,14 @@ class ShapesRecipe:
         """Pipeline folders of the models to bundle, sharing one VAE folder: ``pipelines/shapes_vae``,
         ``pipelines/shapes_framewise`` and ``pipelines/shapes_chunkwise``, each the best-scoring causal model of its
         block size among the causal inits of ``SHIP_CANDIDATES`` and their DMD students (``report.choose_shipped``:
-        in-distribution Total, with held-out Total deciding between models within seed noise of the best). Copy the
-        three folders into ``causal_forcing/assets/`` to bundle them; ``shipped.json`` records what was chosen and
-        its scores."""
+        in-distribution Total, with held-out Total deciding between models within seed noise of the best), with the
+        first-frame model (step ``first-frame``) in ``pipelines/shapes_first_frame``, which both pipelines name.
+        Copy the four folders into ``causal_forcing/assets/`` to bundle them; ``shipped.json`` records what was
+        chosen and its scores (measured without the first-frame model)."""
         from ..checkpoints import load_dit_weights
+        from ..checkpoints import save_model_folder
         from ..models.small_vae import SmallVAE
+        from ..pipelines.first_frame import FirstFrameSpec
         from ..pipelines.loading import (
             PipelineSpec,
             TextEncoderSpec,
@@ -301,11 +310,18 @@ class ShapesRecipe:
             raise InputError(f"no evaluated causal model to ship (looked for {', '.join(every)})")
         pipes = self.p("pipelines")
         SmallVAE.from_folder(self.p("vae")).save_folder(pipes / "shapes_vae")
+        first_frame = None
+        if self.final("first_frame").exists():
+            state, config = load_dit_weights(self.final("first_frame"))
+            save_model_folder(state, config, pipes / "shapes_first_frame")
+            first_frame = FirstFrameSpec(path="../shapes_first_frame", steps=4 if self.quick else 20)
+        else:
+            missing.append("shapes_first_frame")
         for folder, (model, block) in chosen.items():
             state, config = load_dit_weights(self.final(model))
             spec = PipelineSpec(block_size=block, steps=tuple(FEW_STEP), latent_hw=(8, 8),
                                 text_encoder=TextEncoderSpec(kind="minilm", text_len=TEXT_LEN),
-                                vae=VAESpec(kind="small", path="../shapes_vae"))
+                                vae=VAESpec(kind="small", path="../shapes_vae"), first_frame=first_frame)
             save_pipeline_folder(pipes / folder, spec, state, config=config)
         record = {name: {"model": model, "block_size": block,
                          "in_distribution_total": evaluated[model].stat("in_distribution", "total")[0],
