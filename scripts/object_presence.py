@@ -5,7 +5,7 @@
         (10 % held-out), minus those whose caption is in it, the first `--n` kept: prompts no choice was made on.
 
     python scripts/object_presence.py presence --weights DIR --manifest EVAL.jsonl [--kind causal] [--block-size 1]
-                                              [--seed 0] [--vae shapes]
+                                              [--seed 0] [--vae shapes] [--first-frame DIR]
         generates every prompt as `causal-forcing eval model` does (`generate_clips`: the same clips) and, for each
         expected object the judge does not find in >= 90 % of the frames, says how it fails: never drawn (and
         whether it is the second object of a prompt), drawn at first and gone by the end (and whether it was at
@@ -61,7 +61,11 @@ def presence(args: argparse.Namespace) -> None:
     model = M.load_model_folder(args.weights)
     text = build_text_encoder("minilm", text_len=model.config.text_len, device="cpu")
     vae = load_vae(args.vae)
-    settings = M.EvalSettings(kind=args.kind, block_size=args.block_size, seed=args.seed)
+    first_frame = None
+    if args.first_frame:
+        from causal_forcing.pipelines.first_frame import FirstFrameSampler
+        first_frame = FirstFrameSampler(M.load_model_folder(args.first_frame))
+    settings = M.EvalSettings(kind=args.kind, block_size=args.block_size, seed=args.seed, first_frame=first_frame)
     counts: dict[str, int] = {}
     total = 0
     for batch, clips in M.generate_clips(model, vae, text, entries, settings):
@@ -103,6 +107,8 @@ def main() -> None:
     p.add_argument("--block-size", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae", default="shapes")
+    p.add_argument("--first-frame", default=None, metavar="DIR",
+                   help="a first-frame model folder (20 steps, CFG 4) that makes frame 0, as in a pipeline")
     p.set_defaults(func=presence)
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
