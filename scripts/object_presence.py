@@ -9,7 +9,12 @@
         generates every prompt as `causal-forcing eval model` does (`generate_clips`: the same clips) and, for each
         expected object the judge does not find in >= 90 % of the frames, says how it fails: never drawn (and
         whether it is the second object of a prompt), drawn at first and gone by the end (and whether it was at
-        the canvas edge when last seen), drawn only later, or flickering.
+        the canvas edge when last seen), drawn only later, or flickering. `--first-frame DIR`: frame 0 from that
+        first-frame model, as in a pipeline that names it.
+
+    python scripts/object_presence.py frame0 --weights FIRST_FRAME_DIR --manifest EVAL.jsonl [--vae shapes]
+        a first-frame model's frame 0 (20 steps, CFG 4) for each in-distribution prompt, repeated as a still
+        17-frame clip and judged: how many expected objects it draws with the right colour, by prompt size.
 """
 from __future__ import annotations
 
@@ -91,6 +96,31 @@ def presence(args: argparse.Namespace) -> None:
     print(json.dumps({"objects": total, "missing": missing, **counts}))
 
 
+def frame0(args: argparse.Namespace) -> None:
+    from causal_forcing.models.small_vae import load_vae
+    from causal_forcing.models.text import build_text_encoder
+    from causal_forcing.pipelines.first_frame import FirstFrameSampler
+    model = M.load_model_folder(args.weights)
+    sampler = FirstFrameSampler(model)
+    vae = load_vae(args.vae)
+    text = build_text_encoder("minilm", text_len=model.config.text_len, device="cpu")
+    entries = [e for e in read_manifest(args.manifest) if not e.get("held_out")]
+    found: dict[int, list[int]] = {}
+    for start in range(0, len(entries), 25):
+        batch = entries[start:start + 25]
+        ctx = text.encode([e["caption"] for e in batch]).float()
+        noise = torch.randn(len(batch), 1, model.config.in_dim, 8, 8, generator=torch.Generator().manual_seed(start))
+        with torch.no_grad():
+            still = M._pixels_to_uint8(vae.decode(sampler(ctx, noise).repeat(1, 5, 1, 1, 1)))   # 17 equal frames
+        for entry, clip in zip(batch, still):
+            objects = SB.score_clip(clip, entry["caption"])["objects"]
+            n = found.setdefault(len(objects), [0, 0])
+            n[0] += len(objects)
+            n[1] += sum(o["measured"] is not None and o["color"] == 1.0 for o in objects)
+    for k, (total, ok) in sorted(found.items()):
+        print(f"{k}-object prompts: {ok} of {total} objects found in frame 0 with the right colour")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -110,6 +140,11 @@ def main() -> None:
     p.add_argument("--first-frame", default=None, metavar="DIR",
                    help="a first-frame model folder (20 steps, CFG 4) that makes frame 0, as in a pipeline")
     p.set_defaults(func=presence)
+    p = sub.add_parser("frame0", help="are the expected objects in a first-frame model's frame 0?")
+    p.add_argument("--weights", required=True, help="a first-frame model folder")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--vae", default="shapes")
+    p.set_defaults(func=frame0)
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     args.func(args)
