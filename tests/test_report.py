@@ -104,8 +104,9 @@ def test_sample_grid_tiles_clips(tmp_path: Path) -> None:
 
 
 def test_ship_takes_the_best_evaluated_causal_model_of_each_block_size(tmp_path):
-    """Frame-wise and chunk-wise folders each get the init or DMD student with the best mean in-distribution Total;
-    a folder with no trained and evaluated candidate leaves the step unfinished (partial record), not faked."""
+    """Frame-wise and chunk-wise folders each get the init or DMD student with the best mean in-distribution Total,
+    and both name the first-frame model; a folder with no trained and evaluated candidate, or no first-frame model
+    yet, leaves the step unfinished (partial record), not faked."""
     from causal_forcing.checkpoints import save_model_folder
     from causal_forcing.config import model_preset
     from causal_forcing.models.small_vae import SmallVAE
@@ -130,7 +131,10 @@ def test_ship_takes_the_best_evaluated_causal_model_of_each_block_size(tmp_path)
     assert not ship.output.exists()                              # no chunk-wise model yet: unfinished
     partial = json.loads((tmp_path / "pipelines" / "shipped.partial.json").read_text())
     assert partial["shapes_framewise"]["model"] == "causal_cd_framewise"
-    assert partial["not_trained_yet"] == ["shapes_chunkwise"]
+    assert partial["not_trained_yet"] == ["shapes_chunkwise", "shapes_first_frame"]
+    assert load_pipeline(tmp_path / "pipelines" / "shapes_framewise").first_frame is None
+    first = WanDiT(dit.config.replace(abs_pos_freqs=2))
+    save_model_folder(first, first.config, recipe.final("first_frame"))
     for model, totals in (("causal_ode_chunkwise", [0.5, 0.5]), ("dmd_causal_ode_chunkwise", [0.55, 0.55])):
         write_summary(tmp_path, model, totals, block_size=3)
         save_model_folder(dit, dit.config, recipe.final(model))
@@ -141,7 +145,8 @@ def test_ship_takes_the_best_evaluated_causal_model_of_each_block_size(tmp_path)
                                            "held_out_total": pytest.approx(0.375)}
     assert shipped["shapes_chunkwise"]["model"] == "dmd_causal_ode_chunkwise"
     assert not (tmp_path / "pipelines" / "shipped.partial.json").exists()
-    assert load_pipeline(tmp_path / "pipelines" / "shapes_chunkwise").stream_config.block_size == 3
+    chunkwise = load_pipeline(tmp_path / "pipelines" / "shapes_chunkwise")
+    assert chunkwise.stream_config.block_size == 3 and chunkwise.first_frame.model.config.abs_pos_freqs == 2
 
 
 def scores(name: str, in_dist: list[float], held_out: list[float]) -> report.ModelScores:
