@@ -165,9 +165,17 @@ def test_first_frame_model_in_a_pipeline_folder(tmp_path, tiny_parts):
                                 first_frame=FirstFrameSampler(first, spec.first_frame))
         expected = pixels_to_frames(pipe.vae.decode(latents))
     np.testing.assert_array_equal(np.concatenate(blocks), expected)
+    # A prefix of 2 latent frames: one block of 1 + 4 pixel frames, then the student's last frame.
+    spec2 = dataclasses.replace(spec, first_frame=dataclasses.replace(spec.first_frame, frames=2))
+    pipe2 = load_pipeline(save_pipeline_folder(tmp_path / "ff2", spec2, dit, vae=autoencoder, first_frame=first))
+    with pipe2.stream(PROMPT, seed=3) as stream:
+        blocks2 = list(stream)
+    assert [len(b) for b in blocks2] == [5, 4] and stream.num_blocks == 2
+    np.testing.assert_array_equal(blocks2[0][:1], blocks[0])     # frame 0 is the same (the sampler is causal)
 
     data = json.loads((folder / "pipeline.json").read_text())
     for edit, message in ((dict(solver="heun"), "solver"), (dict(steps=0), "steps"), (dict(guidance=0.5), "guidance"),
+                          (dict(frames=0), "frames"),
                           (dict(extra=1), "unknown config key 'first_frame.extra'")):
         (tmp_path / "pipeline.json").write_text(json.dumps({**data, "first_frame": {**data["first_frame"], **edit}}))
         with pytest.raises(ConfigError, match=message):

@@ -328,9 +328,16 @@ def test_cli_eval_model_scores_a_checkpoint(tmp_path, capsys):
                  str(manifest), "--vae", str(tmp_path / "vae"), "--limit", "2", "--out", str(out), "--steps", "2",
                  "--first-frame", str(tmp_path / "ff"), "--teacher-steps", "2"]) == 0
     assert (out / "eval_000.mp4").read_bytes() != (tmp_path / "causal" / "eval_000.mp4").read_bytes()
+    # ... and with --first-frame-frames 2 frames 0-1 (its frame 0 is the same: the sampler is causal).
+    out2 = tmp_path / "causal_ff2"
+    assert main(["eval", "model", "--weights", str(tmp_path / "dit"), "--kind", "causal", "--manifest",
+                 str(manifest), "--vae", str(tmp_path / "vae"), "--limit", "2", "--out", str(out2), "--steps", "2",
+                 "--first-frame", str(tmp_path / "ff"), "--teacher-steps", "2", "--first-frame-frames", "2"]) == 0
+    assert (out2 / "eval_000.mp4").read_bytes() != (out / "eval_000.mp4").read_bytes()
     capsys.readouterr()
     bads = [["--weights", str(tmp_path / "missing")], ["--limit", "0"], ["--block-size", "0"], ["--device", "gpu0"],
-            ["--first-frame", str(tmp_path / "missing")], ["--first-frame", str(tmp_path / "ff"), "--no-first-frame"]]
+            ["--first-frame", str(tmp_path / "missing")], ["--first-frame", str(tmp_path / "ff"), "--no-first-frame"],
+            ["--first-frame", str(tmp_path / "ff"), "--first-frame-frames", "0"]]
     if not torch.cuda.is_available():
         bads.append(["--device", "cuda"])
     for bad in bads:

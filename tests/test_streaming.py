@@ -148,3 +148,42 @@ def test_first_frame_model_equals_its_sampler_then_i2v(tiny_model):
     assert kinds[:2] == [("commit", 0), ("denoise", 1)]    # frame 0 goes into the cache, then frame 1 starts
     assert all(not (k == "denoise" and s == 0) for k, s in kinds)
 
+
+
+def test_first_frame_model_prefix_of_several_frames(tiny_model):
+    """A first-frame model asked for a prefix of 3 frames: the stream yields exactly its 3-frame autoregressive
+    sample (same noise), commits the prefix block by block at the student's block size (frame-wise: frame by
+    frame, as the student's own frames would go in), and, when the prefix is exactly one block, continues exactly
+    like I2V from those frames."""
+    from causal_forcing.models.wan import WanDiT
+    from causal_forcing.pipelines.first_frame import FirstFrameSampler, FirstFrameSpec
+    from causal_forcing.pipelines.teacher import sample_autoregressive
+    from conftest import fan_in_init
+
+    other = fan_in_init(WanDiT(tiny_model.config.replace(abs_pos_freqs=2)), seed=7).eval()
+    sampler = FirstFrameSampler(other, FirstFrameSpec(steps=3, guidance=2.5, solver="euler", frames=3))
+    ctx = _ctx(tiny_model, batch=2)
+    gen = torch.Generator().manual_seed(5)
+    noise = torch.randn(2, 3, 16, *HW, generator=gen)
+    prefix = sample_autoregressive(other, ctx, torch.zeros_like(ctx), num_frames=3, latent_hw=HW, steps=3,
+                                   guidance=2.5, solver="euler", noise=noise, batch_cfg=True)
+    for block_size, commits in ((1, [0, 1, 2]), (3, [0])):
+        calls = []
+        out = sample_causal(tiny_model, ctx, latent_hw=HW, num_frames=6, config=StreamConfig(block_size=block_size),
+                            seed=5, first_frame=sampler, trace=calls.append)
+        assert out.shape[1] == 6 and torch.allclose(out[:, :3], prefix, atol=1e-6)
+        kinds = [(c["kind"], c["start_frame"]) for c in calls]
+        first_denoise = kinds.index(("denoise", 3))
+        assert kinds[:first_denoise] == [("commit", s) for s in commits]
+        assert all(s >= 3 for k, s in kinds if k == "denoise")
+    g2 = torch.Generator().manual_seed(5)
+    torch.randn(2, 3, 16, *HW, generator=g2)                       # the prefix's draw
+    i2v = CausalStream(tiny_model, ctx, latent_hw=HW, num_frames=6, config=StreamConfig(block_size=3),
+                       noise=SeededNoise.from_generator(g2), initial_latent=prefix).generate()
+    assert torch.allclose(out, i2v, atol=1e-5)
+    # A clip shorter than the prefix takes only the frames it needs from the first-frame model.
+    short = sample_causal(tiny_model, ctx, latent_hw=HW, num_frames=2, seed=5, first_frame=sampler)
+    noise2 = torch.randn(2, 2, 16, *HW, generator=torch.Generator().manual_seed(5))
+    assert torch.allclose(short, sample_autoregressive(other, ctx, torch.zeros_like(ctx), num_frames=2, latent_hw=HW,
+                                                       steps=3, guidance=2.5, solver="euler", noise=noise2, batch_cfg=True),
+                          atol=1e-6)

@@ -4,6 +4,7 @@ causal student, or a many-step AR / bidirectional teacher with CFG) and score th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from typing import Any
 
@@ -58,6 +59,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     m.add_argument("--first-frame", default=None, metavar="DIR",
                    help="causal kind: a model folder that makes latent frame 0 (--teacher-steps, --guidance); "
                         "default: the first-frame model named by the pipeline.json in --weights, if any")
+    m.add_argument("--first-frame-frames", type=int, default=None, metavar="N",
+                   help="causal kind: latent frames the first-frame model makes before the student takes over "
+                        "(default: pipeline.json's, else 1)")
     m.add_argument("--no-first-frame", action="store_true",
                    help="causal kind: the student makes frame 0 too, even if --weights names a first-frame model")
     m.set_defaults(func=run_model)
@@ -113,16 +117,21 @@ def _first_frame(args: argparse.Namespace, device: Any) -> Any:
     from ..pipelines.loading import PIPELINE_FILE, read_pipeline_spec
 
     if args.no_first_frame:
-        if args.first_frame is not None:
-            raise InputError("--first-frame and --no-first-frame exclude each other")
+        if args.first_frame is not None or args.first_frame_frames is not None:
+            raise InputError("--first-frame / --first-frame-frames and --no-first-frame exclude each other")
         return None
+    if args.first_frame_frames is not None and args.first_frame_frames < 1:
+        raise InputError(f"--first-frame-frames must be positive, got {args.first_frame_frames}")
     if args.first_frame is not None:
-        folder, spec = Path(args.first_frame), FirstFrameSpec(args.first_frame, args.teacher_steps, args.guidance)
+        folder, spec = Path(args.first_frame), FirstFrameSpec(args.first_frame, args.teacher_steps, args.guidance,
+                                                              frames=args.first_frame_frames or 1)
     elif (Path(args.weights) / PIPELINE_FILE).is_file():
         spec = read_pipeline_spec(args.weights).first_frame
         if spec is None:
             return None
         folder = Path(args.weights) / spec.path
+        if args.first_frame_frames is not None:
+            spec = dataclasses.replace(spec, frames=args.first_frame_frames)
     else:
         return None
     if args.kind != "causal":

@@ -229,7 +229,7 @@ def describe_folder(folder: Path) -> dict[str, Any]:
         if spec.first_frame is not None:
             ff = spec.first_frame
             info["pipeline"]["first_frame"] = (f"{ff.path} ({ff.steps} {ff.solver} steps, guidance {ff.guidance:g}, "
-                                               f"shift {ff.shift:g})")
+                                               f"shift {ff.shift:g}, {ff.frames} frame{'s' if ff.frames > 1 else ''})")
     elif diffusers:
         kind = "diffusers WanTransformer3DModel folder"
     elif any((folder / name).is_file() for name in _WAN_BASE_FILES):

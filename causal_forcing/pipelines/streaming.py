@@ -13,8 +13,8 @@ shared and stateless. Per block:
 
 The commit after the last block of a finite video is skipped by default (it only prepares a next block).
 I2V puts the image latent first: it is committed to the cache at t = 0 and yielded as the first frames.
-A first-frame model (``pipelines.first_frame``), when given and there is no image, makes frame 0 with its own
-sampler; the frame is then committed and continued like a block of the student's own.
+A first-frame model (``pipelines.first_frame``), when given and there is no image, makes frame 0 (or a prefix of
+``frames`` frames) with its own sampler; it is then committed, block by block, and continued like the student's own.
 Noise comes from one ``NoiseSource``; ``SeededNoise`` draws every tensor from one seeded generator in call
 order (initial noise of a block when the block starts, then each renoising draw), ``ReplayNoise`` replays
 given tensors (to reproduce another implementation's run exactly).
@@ -237,9 +237,11 @@ class CausalStream:
             self.frame = img.shape[1]
             return img
         if self.frame == 0 and self.first_frame is not None:
-            x = self.noise.initial((self.batch_size, 1, self.model.config.in_dim, *self.latent_hw))
+            k = getattr(self.first_frame, "frames", 1)     # a first-frame model may make a prefix of k frames
+            k = k if self.num_frames is None else min(k, self.num_frames)
+            x = self.noise.initial((self.batch_size, k, self.model.config.in_dim, *self.latent_hw))
             img = self.first_frame(self.context, x.to(self.device, torch.float32)).to(self.device, self.dtype)
-            self.frame = 1
+            self.frame = img.shape[1]
             self._pending_commit = (img, 0)   # committed like a generated block (block index -1 in traces)
             if self.done and self.cfg.commit_last:
                 self._flush_commit()
@@ -266,9 +268,13 @@ class CausalStream:
             return
         x0, start = self._pending_commit
         self._pending_commit = None
-        commit_block(self.model, x0, context=self.context, cache=self.cache, start_frame=start,
-                     t=self.cfg.commit_t, noise=self.noise, schedule=self.cfg.schedule, trace=self.trace,
-                     block=self.block - 1)
+        # A first-frame model's prefix may be longer than a block: it goes in block by block, as the student's
+        # own frames would (within a block attention is full, so one commit of the whole prefix would differ).
+        n = self.cfg.block_size
+        for i in range(0, x0.shape[1], n):
+            commit_block(self.model, x0[:, i:i + n], context=self.context, cache=self.cache, start_frame=start + i,
+                         t=self.cfg.commit_t, noise=self.noise, schedule=self.cfg.schedule, trace=self.trace,
+                         block=self.block - 1)
 
     def generate(self) -> Tensor:
         """Run a finite stream to the end; returns all latent frames [B, F, C, H, W]."""

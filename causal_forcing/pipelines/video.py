@@ -315,10 +315,11 @@ class VideoPipeline:
         return latent_frames_for(n)
 
     def num_blocks(self, num_frames: int | None = None, *, image: bool = False) -> int:
-        """Blocks a stream yields (the I2V image, or else the first-frame model's frame, is one block of its own)."""
-        own_first = int(image or self.first_frame is not None)
-        generated = self.latent_frames(num_frames) - own_first
-        return own_first + -(-generated // self.block_size)
+        """Blocks a stream yields (the I2V image, or else the first-frame model's frames, is one block of its own)."""
+        total = self.latent_frames(num_frames)
+        own_first = 1 if image else 0 if self.first_frame is None else min(self.first_frame.frames, total)
+        generated = total - own_first
+        return int(own_first > 0) + -(-generated // self.block_size)
 
     def _dits(self) -> list[WanDiT]:
         return [self.model] + ([] if self.first_frame is None else [self.first_frame.model])
