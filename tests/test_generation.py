@@ -175,7 +175,7 @@ def test_first_frame_model_in_a_pipeline_folder(tmp_path, tiny_parts):
 
     data = json.loads((folder / "pipeline.json").read_text())
     for edit, message in ((dict(solver="heun"), "solver"), (dict(steps=0), "steps"), (dict(guidance=0.5), "guidance"),
-                          (dict(frames=0), "frames"),
+                          (dict(frames=0), "frames"), (dict(text_encoder="umt5"), "text_encoder"),
                           (dict(extra=1), "unknown config key 'first_frame.extra'")):
         (tmp_path / "pipeline.json").write_text(json.dumps({**data, "first_frame": {**data["first_frame"], **edit}}))
         with pytest.raises(ConfigError, match=message):
@@ -183,6 +183,86 @@ def test_first_frame_model_in_a_pipeline_folder(tmp_path, tiny_parts):
     (folder / "first_frame" / "config.json").unlink()
     with pytest.raises(CheckpointError, match="first-frame model not found"):
         load_pipeline(folder)
+
+def test_first_frame_model_with_its_own_clause_text_encoder(tmp_path, tiny_parts):
+    """``first_frame.text_encoder: minilm-clauses``: the first-frame model samples from its own clause-wise
+    embedding of the prompt (checked against the sampler given that embedding by hand), the student from the
+    pipeline's; a one-clause prompt embeds the same either way."""
+    import dataclasses
+
+    from causal_forcing.models.text import build_text_encoder
+    from causal_forcing.pipelines.first_frame import FirstFrameSampler, FirstFrameSpec
+
+    dit, autoencoder = tiny_parts
+    first = fan_in_init(WanDiT(TINY_DIT.replace(abs_pos_freqs=2)), seed=3).eval()
+    plain = FirstFrameSpec(steps=3, guidance=2.0, solver="euler")
+    clauses = dataclasses.replace(plain, text_encoder="minilm-clauses")
+    pipes = {}
+    for name, ff in (("plain", plain), ("clauses", clauses)):
+        spec = dataclasses.replace(SPEC, first_frame=ff)
+        folder = save_pipeline_folder(tmp_path / name, spec, dit, vae=autoencoder, first_frame=first)
+        assert read_pipeline_spec(folder) == spec
+        pipes[name] = load_pipeline(folder)
+    assert pipes["clauses"].first_frame.text_encoder is not None and pipes["plain"].first_frame.text_encoder is None
+    two = "a small red circle moving right and a big blue square standing still"
+    with pipes["clauses"].stream(two, seed=3) as stream:
+        video = np.concatenate(list(stream))
+    own = build_text_encoder("minilm-clauses", text_len=TINY_DIT.text_len, cache_size=0).encode([two])
+    with torch.no_grad():
+        latents = sample_causal(pipes["clauses"].model, pipes["clauses"].encode_prompt(two), latent_hw=LATENT_HW,
+                                num_frames=3, config=pipes["clauses"].stream_config, seed=3,
+                                first_frame=lambda context, noise: FirstFrameSampler(first, plain)(own, noise))
+        expected = pixels_to_frames(pipes["clauses"].vae.decode(latents))
+    np.testing.assert_array_equal(video, expected)
+    with pipes["plain"].stream(two, seed=3) as stream:
+        assert not np.array_equal(np.concatenate(list(stream))[:1], video[:1])
+    one = [np.concatenate(list(pipes[name].stream("a small red circle moving right", seed=3))) for name in pipes]
+    np.testing.assert_array_equal(one[0], one[1])
+    with pytest.raises(ConfigError, match="own text encoder"):
+        FirstFrameSampler(first, clauses)
+
+
+def test_prefix_model_in_a_pipeline_folder(tmp_path, tiny_parts):
+    """``first_frame.prefix_path`` + ``prefix_text_encoder``: written and read back, both models loaded, and the
+    video equals the engine run by hand (frame 0 from the first-frame model on the pipeline's embeddings, frame 1
+    from the prefix model on its own clause-wise ones, then the student)."""
+    import dataclasses
+
+    from causal_forcing.models.text import build_text_encoder
+    from causal_forcing.pipelines.first_frame import FirstFrameSampler, FirstFrameSpec
+
+    dit, autoencoder = tiny_parts
+    first = fan_in_init(WanDiT(TINY_DIT.replace(abs_pos_freqs=2)), seed=3).eval()
+    prefix = fan_in_init(WanDiT(TINY_DIT.replace(abs_pos_freqs=2)), seed=4).eval()
+    ff = FirstFrameSpec(steps=3, guidance=2.0, solver="euler", frames=2, prefix_path="prefix",
+                        prefix_text_encoder="minilm-clauses")
+    spec = dataclasses.replace(SPEC, first_frame=ff)
+    with pytest.raises(ConfigError, match="no prefix model given"):
+        save_pipeline_folder(tmp_path / "bad", spec, dit, vae=autoencoder, first_frame=first)
+    folder = save_pipeline_folder(tmp_path / "p", spec, dit, vae=autoencoder, first_frame=first, prefix=prefix)
+    assert read_pipeline_spec(folder) == spec
+    pipe = load_pipeline(folder)
+    for key, value in prefix.state_dict().items():
+        assert torch.equal(pipe.first_frame.prefix_model.state_dict()[key], value), key
+    two = "a small red circle moving right and a big blue square standing still"
+    with pipe.stream(two, seed=3) as stream:
+        blocks = list(stream)
+    assert [len(b) for b in blocks] == [5, 4] and stream.num_blocks == 2
+    own = build_text_encoder("minilm-clauses", text_len=TINY_DIT.text_len, cache_size=0).encode([two])
+    by_hand = FirstFrameSampler(first, ff, prefix_model=prefix, prefix_text_encoder=object())
+
+    class Composed:                                  # frame 0 on the stream's context, frame 1 on `own`
+        frames = 2
+
+        def __call__(self, ctx, noise):
+            return by_hand.sample(ctx, own, noise)
+    with torch.no_grad():
+        context = pipe.encode_prompt(two)
+        latents = sample_causal(pipe.model, context, latent_hw=LATENT_HW, num_frames=3, config=pipe.stream_config,
+                                seed=3, first_frame=Composed())
+        expected = pixels_to_frames(pipe.vae.decode(latents))
+    np.testing.assert_array_equal(np.concatenate(blocks), expected)
+
 
 def test_released_spec_matches_the_released_configs(tmp_path):
     four = released_spec(tmp_path, "framewise", 4)

@@ -334,10 +334,21 @@ def test_cli_eval_model_scores_a_checkpoint(tmp_path, capsys):
                  str(manifest), "--vae", str(tmp_path / "vae"), "--limit", "2", "--out", str(out2), "--steps", "2",
                  "--first-frame", str(tmp_path / "ff"), "--teacher-steps", "2", "--first-frame-frames", "2"]) == 0
     assert (out2 / "eval_000.mp4").read_bytes() != (out / "eval_000.mp4").read_bytes()
+    # ... and with a prefix model (reading its own clause-wise text) for frame 1 and the student refining it.
+    save_model_folder(WanDiT(config.replace(abs_pos_freqs=2)), config.replace(abs_pos_freqs=2), tmp_path / "pm")
+    out3 = tmp_path / "causal_ff3"
+    assert main(["eval", "model", "--weights", str(tmp_path / "dit"), "--kind", "causal", "--manifest",
+                 str(manifest), "--vae", str(tmp_path / "vae"), "--limit", "2", "--out", str(out3), "--steps", "2",
+                 "--first-frame", str(tmp_path / "ff"), "--teacher-steps", "2", "--first-frame-frames", "2",
+                 "--first-frame-prefix", str(tmp_path / "pm"), "--first-frame-prefix-text", "minilm-clauses",
+                 "--first-frame-refine", "1"]) == 0
+    assert (out3 / "eval_000.mp4").read_bytes() != (out2 / "eval_000.mp4").read_bytes()
     capsys.readouterr()
     bads = [["--weights", str(tmp_path / "missing")], ["--limit", "0"], ["--block-size", "0"], ["--device", "gpu0"],
             ["--first-frame", str(tmp_path / "missing")], ["--first-frame", str(tmp_path / "ff"), "--no-first-frame"],
-            ["--first-frame", str(tmp_path / "ff"), "--first-frame-frames", "0"]]
+            ["--first-frame", str(tmp_path / "ff"), "--first-frame-frames", "0"],
+            ["--first-frame", str(tmp_path / "ff"), "--first-frame-prefix", str(tmp_path / "pm")],   # needs 2+ frames
+            ["--first-frame-refine", "1", "--no-first-frame"]]
     if not torch.cuda.is_available():
         bads.append(["--device", "cuda"])
     for bad in bads:

@@ -1,7 +1,10 @@
 """The streaming few-step sampler against cache-free recomputation and its own invariants."""
+import dataclasses
+
 import pytest
 import torch
 
+from causal_forcing.errors import ConfigError
 from causal_forcing.models.attention import BlockCausal
 from causal_forcing.pipelines.streaming import (CausalStream, ReplayNoise, SeededNoise, StreamConfig,
                                                 sample_causal)
@@ -187,3 +190,69 @@ def test_first_frame_model_prefix_of_several_frames(tiny_model):
     expected = sample_autoregressive(other, ctx, torch.zeros_like(ctx), num_frames=2, latent_hw=HW, steps=3,
                                      guidance=2.5, solver="euler", noise=noise2, batch_cfg=True)
     assert torch.allclose(short, expected, atol=1e-6)
+
+
+def test_prefix_model_continues_the_first_frame_model(tiny_model):
+    """``prefix_path``: frame 0 from the first-frame model, frames 1..n-1 from the prefix model continuing it as from
+    an I2V image (truth: the two autoregressive samplers composed by hand on the same noise); with a clause text
+    encoder of its own, bound through ``for_prompts``, the prefix model reads that encoder's embeddings."""
+    from causal_forcing.models.wan import WanDiT
+    from causal_forcing.pipelines.first_frame import FirstFrameSampler, FirstFrameSpec
+    from causal_forcing.pipelines.teacher import sample_autoregressive
+    from conftest import fan_in_init
+
+    first = fan_in_init(WanDiT(tiny_model.config.replace(abs_pos_freqs=2)), seed=7).eval()
+    prefix = fan_in_init(WanDiT(tiny_model.config.replace(abs_pos_freqs=2)), seed=8).eval()
+    spec = FirstFrameSpec(steps=3, guidance=2.5, solver="euler", frames=3, prefix_path="prefix")
+    sampler = FirstFrameSampler(first, spec, prefix_model=prefix)
+    ctx, own = _ctx(tiny_model, batch=2), _ctx(tiny_model, batch=2, seed=9)
+    noise = torch.randn(2, 3, 16, *HW, generator=torch.Generator().manual_seed(5))
+    kw = dict(latent_hw=HW, steps=3, guidance=2.5, solver="euler", batch_cfg=True)
+    frame0 = sample_autoregressive(first, ctx, torch.zeros_like(ctx), num_frames=1, noise=noise[:, :1], **kw)
+    for reads in (ctx, own):
+        rest = sample_autoregressive(prefix, reads, torch.zeros_like(reads), num_frames=3, noise=noise[:, 1:],
+                                     initial_latent=frame0, **kw)
+        got = sampler(ctx, noise) if reads is ctx else sampler.sample(ctx, own, noise)
+        assert torch.allclose(got[:, :1], frame0, atol=1e-6) and torch.allclose(got, rest, atol=1e-6)
+    assert (sampler(ctx, noise) - sampler.sample(ctx, own, noise))[:, 1:].abs().max() > 1e-4
+
+    class Own:                                   # a stand-in text encoder: fixed embeddings per prompt
+        def encode(self, prompts):
+            return own[:len(prompts)]
+    bound = FirstFrameSampler(first, dataclasses.replace(spec, prefix_text_encoder="minilm-clauses"),
+                              prefix_model=prefix, prefix_text_encoder=Own()).for_prompts(["a", "b"])
+    assert bound.frames == 3 and torch.equal(bound(ctx, noise), sampler.sample(ctx, own, noise))
+    with pytest.raises(ConfigError, match="prefix model"):
+        FirstFrameSampler(first, spec)
+    for bad, message in ((dict(frames=1), "frames >= 2"), (dict(prefix_path=None, prefix_text_encoder="minilm"),
+                                                              "needs first_frame.prefix_path")):
+        with pytest.raises(ConfigError, match=message):
+            dataclasses.replace(spec, **bad)
+
+
+def test_refined_prefix_is_redrawn_by_the_student(tiny_model):
+    """``refine_steps``: the student re-draws each prefix frame through its last N steps. Through all of its steps
+    (the first at t = 1000, where the prefix is noised to pure noise) nothing of the prefix is left: two different
+    first-frame models give the same clip. Through fewer steps the prefix shows through."""
+    from causal_forcing.models.wan import WanDiT
+    from causal_forcing.pipelines.first_frame import FirstFrameSampler, FirstFrameSpec
+    from conftest import fan_in_init
+
+    ctx = _ctx(tiny_model, batch=2)
+    models = [fan_in_init(WanDiT(tiny_model.config.replace(abs_pos_freqs=2)), seed=s).eval() for s in (7, 8)]
+    config = StreamConfig(block_size=1)
+    steps = len(config.schedule.steps)
+
+    def run(model, refine):
+        spec = FirstFrameSpec(steps=3, guidance=2.5, solver="euler", frames=2, refine_steps=refine)
+        return sample_causal(tiny_model, ctx, latent_hw=HW, num_frames=4, config=config, seed=5,
+                             first_frame=FirstFrameSampler(model, spec))
+    full = [run(m, steps) for m in models]
+    assert torch.allclose(full[0], full[1], atol=1e-5)
+    partial = [run(m, 1) for m in models]
+    assert (partial[0][:, :2] - partial[1][:, :2]).abs().max() > 1e-3
+    assert (partial[0][:, :2] - run(models[0], 0)[:, :2]).abs().max() > 1e-4   # the student did re-draw it
+    with pytest.raises(ValueError, match="refine_steps"):
+        run(models[0], steps + 1)
+    with pytest.raises(ConfigError, match="refine_steps"):
+        FirstFrameSpec(refine_steps=-1)

@@ -403,3 +403,36 @@ def test_minilm_distinguishes_prompts_and_colours(minilm):
     assert (red - ship).norm() / red.norm() > 0.3
     colour_position = 2  # [CLS] a <colour>
     assert (red[colour_position] - blue[colour_position]).norm() > (red - blue).norm(dim=-1).median()
+
+
+def _n_tokens(embedding: torch.Tensor) -> int:
+    return int((embedding.abs().sum(dim=-1) > 0).sum())
+
+
+def test_clause_encoder_is_each_clause_alone_concatenated(minilm):
+    clauses = T.ClauseTextEncoder(minilm)
+    first, second = "a small red circle moving right", "a big blue square standing still"
+    alone = minilm.encode([first, second])
+    n1, n2 = _n_tokens(alone[0]), _n_tokens(alone[1])
+    for joined in (f"{first} and {second}", f"{first}, and {second}", f"{first} next to {second}"):
+        out = clauses.encode([joined, first])
+        assert out.shape == (2, minilm.text_len, minilm.dim)
+        assert torch.equal(out[0, :n1], alone[0, :n1]) and torch.equal(out[0, n1:n1 + n2], alone[1, :n2])
+        assert torch.equal(out[0, n1 + n2:], torch.zeros(minilm.text_len - n1 - n2, minilm.dim))
+        assert torch.equal(out[1], alone[0])  # no joiner: the wrapped encoder's output
+    # Encoded together, each clause's tokens see the other clause; that is what the clause encoder avoids.
+    together = minilm.encode([f"{first} and {second}"])[0]
+    assert not torch.allclose(together[1:n1 - 1], alone[0, 1:n1 - 1], atol=1e-3)
+
+
+def test_clause_encoder_truncates_to_text_len_and_builds_by_name(minilm):
+    clauses = T.ClauseTextEncoder(minilm)
+    long = " and ".join(["a small red circle moving right"] * 4)  # 4 x 8 tokens > 16
+    out = clauses.encode([long])
+    one = minilm.encode(["a small red circle moving right"])[0]
+    assert torch.equal(out[0, :8], one[:8]) and torch.equal(out[0, 8:16], one[:8])
+    assert clauses.clauses(" a red car  and  a blue car ") == ["a red car", "a blue car"]
+    with pytest.raises(ConfigError, match="minilm-clauses"):
+        T.build_text_encoder("minilm-clauses", bogus=1)
+    built = T.build_text_encoder("minilm-clauses", text_len=16, cache_size=0)
+    assert isinstance(built, T.ClauseTextEncoder) and (built.dim, built.text_len) == (384, 16)

@@ -26,8 +26,9 @@ def add_encode_parser(subparsers: argparse._SubParsersAction, name: str = "encod
                    help="'shapes' (the bundled ShapesWorld VAE, default), a SmallVAE folder, or a Wan VAE "
                         "(diffusers folder or weight file)")
     p.add_argument("--out", required=True, metavar="DIR", help="dataset folder (created or continued)")
-    p.add_argument("--text-encoder", choices=("none", "minilm"), default="none",
-                   help="also store per-token caption embeddings as `context` (default none)")
+    p.add_argument("--text-encoder", choices=("none", "minilm", "minilm-clauses"), default="none",
+                   help="also store per-token caption embeddings as `context` (default none); minilm-clauses "
+                        "encodes each ' and '-joined clause of a caption on its own")
     p.add_argument("--text-len", type=int, default=None, metavar="N",
                    help="text tokens per caption (default: the encoder's, 128 for minilm)")
     p.add_argument("--shard-size", type=int, default=64, metavar="N", help="samples per shard (default 64)")

@@ -62,6 +62,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     m.add_argument("--first-frame-frames", type=int, default=None, metavar="N",
                    help="causal kind: latent frames the first-frame model makes before the student takes over "
                         "(default: pipeline.json's, else 1)")
+    m.add_argument("--first-frame-refine", type=int, default=None, metavar="N",
+                   help="causal kind: the student re-draws the first-frame model's frames through its last N steps "
+                        "(default: pipeline.json's, else 0)")
+    m.add_argument("--first-frame-text", choices=("minilm", "minilm-clauses"), default=None, metavar="KIND",
+                   help="causal kind: the first-frame model's own text encoder, minilm or minilm-clauses "
+                        "(default: pipeline.json's, else the student's embeddings)")
+    m.add_argument("--first-frame-prefix", default=None, metavar="DIR",
+                   help="causal kind: a model folder that makes latent frames 1..N-1 after the first-frame model's "
+                        "frame 0 (N from --first-frame-frames)")
+    m.add_argument("--first-frame-prefix-text", choices=("minilm", "minilm-clauses"), default=None, metavar="KIND",
+                   help="causal kind: the prefix model's own text encoder (default: the student's embeddings)")
     m.add_argument("--no-first-frame", action="store_true",
                    help="causal kind: the student makes frame 0 too, even if --weights names a first-frame model")
     m.set_defaults(func=run_model)
@@ -108,39 +119,57 @@ def run_shapes(args: argparse.Namespace) -> int:
 
 
 def _first_frame(args: argparse.Namespace, device: Any) -> Any:
-    """The first-frame sampler for ``eval model``: --first-frame, else the one --weights' pipeline.json names."""
+    """The first-frame sampler for ``eval model``: --first-frame, else the one --weights' pipeline.json names,
+    with the --first-frame-* overrides."""
     from pathlib import Path
 
-    from ..errors import InputError
+    from ..errors import ConfigError, InputError
     from ..eval.models import load_model_folder
     from ..pipelines.first_frame import FirstFrameSampler, FirstFrameSpec
     from ..pipelines.loading import PIPELINE_FILE, read_pipeline_spec
 
+    overrides = {"frames": args.first_frame_frames, "text_encoder": args.first_frame_text,
+                 "refine_steps": args.first_frame_refine, "prefix_path": args.first_frame_prefix,
+                 "prefix_text_encoder": args.first_frame_prefix_text}
     if args.no_first_frame:
-        if args.first_frame is not None or args.first_frame_frames is not None:
-            raise InputError("--first-frame / --first-frame-frames and --no-first-frame exclude each other")
+        if args.first_frame is not None or any(v is not None for v in overrides.values()):
+            raise InputError("--first-frame and its --first-frame-* options exclude --no-first-frame")
         return None
     if args.first_frame_frames is not None and args.first_frame_frames < 1:
         raise InputError(f"--first-frame-frames must be positive, got {args.first_frame_frames}")
     if args.first_frame is not None:
-        folder, spec = Path(args.first_frame), FirstFrameSpec(args.first_frame, args.teacher_steps, args.guidance,
-                                                              frames=args.first_frame_frames or 1)
+        root, spec = Path("."), FirstFrameSpec(args.first_frame, args.teacher_steps, args.guidance)
     elif (Path(args.weights) / PIPELINE_FILE).is_file():
-        spec = read_pipeline_spec(args.weights).first_frame
+        root, spec = Path(args.weights), read_pipeline_spec(args.weights).first_frame  # type: ignore[assignment]
         if spec is None:
             return None
-        folder = Path(args.weights) / spec.path
-        if args.first_frame_frames is not None:
-            spec = dataclasses.replace(spec, frames=args.first_frame_frames)
     else:
         return None
+    if args.first_frame_prefix is not None:
+        args.first_frame_prefix = str(Path(args.first_frame_prefix).resolve())   # not relative to --weights
+    try:
+        spec = dataclasses.replace(spec, **{k: v for k, v in overrides.items() if v is not None})
+    except ConfigError as e:
+        raise InputError(str(e)) from None
     if args.kind != "causal":
         if args.first_frame is not None:
             raise InputError("--first-frame applies to --kind causal only")
         return None
-    if not folder.is_dir():
-        raise InputError(f"first-frame model folder not found: {folder}")
-    return FirstFrameSampler(load_model_folder(folder).to(device), spec)
+
+    def load(rel: str, kind: str | None) -> tuple[Any, Any]:
+        folder = root / rel
+        if not folder.is_dir():
+            raise InputError(f"first-frame model folder not found: {folder}")
+        model = load_model_folder(folder).to(device)
+        if kind is None:
+            return model, None
+        from ..models.text import build_text_encoder
+        return model, build_text_encoder(kind, text_len=model.config.text_len)
+
+    model, text = load(spec.path, spec.text_encoder)
+    prefix, prefix_text = (None, None) if spec.prefix_path is None else load(spec.prefix_path,
+                                                                              spec.prefix_text_encoder)
+    return FirstFrameSampler(model, spec, text, prefix_model=prefix, prefix_text_encoder=prefix_text)
 
 
 def run_model(args: argparse.Namespace) -> int:

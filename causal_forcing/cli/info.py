@@ -229,7 +229,12 @@ def describe_folder(folder: Path) -> dict[str, Any]:
         if spec.first_frame is not None:
             ff = spec.first_frame
             info["pipeline"]["first_frame"] = (f"{ff.path} ({ff.steps} {ff.solver} steps, guidance {ff.guidance:g}, "
-                                               f"shift {ff.shift:g}, {ff.frames} frame{'s' if ff.frames > 1 else ''})")
+                                               f"shift {ff.shift:g}, {ff.frames} frame{'s' if ff.frames > 1 else ''}"
+                                               + (f", text {ff.text_encoder}" if ff.text_encoder else "")
+                                               + (f", frames 1+ by {ff.prefix_path}" if ff.prefix_path else "")
+                                               + (f" (text {ff.prefix_text_encoder})" if ff.prefix_text_encoder else "")
+                                               + (f", refined {ff.refine_steps} steps" if ff.refine_steps else "")
+                                               + ")")
     elif diffusers:
         kind = "diffusers WanTransformer3DModel folder"
     elif any((folder / name).is_file() for name in _WAN_BASE_FILES):

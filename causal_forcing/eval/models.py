@@ -66,12 +66,19 @@ def _pixels_to_uint8(pixels: torch.Tensor) -> np.ndarray:
 
 @torch.no_grad()
 def generate_latents(model: WanDiT, context: torch.Tensor, negative: torch.Tensor, s: EvalSettings,
-                     latent_frames: int, latent_hw: tuple[int, int], seed: int) -> torch.Tensor:
+                     latent_frames: int, latent_hw: tuple[int, int], seed: int,
+                     prompts: Sequence[str] | None = None) -> torch.Tensor:
     if s.kind == "causal":
         sched = FewStepSchedule.from_config(s.steps, s.first_block_steps)
+        first = s.first_frame
+        if first is not None and hasattr(first, "for_prompts"):   # models with text encoders of their own
+            if prompts is not None:
+                first = first.for_prompts(prompts)
+            elif first.text_encoder is not None or first.prefix_text_encoder is not None:
+                raise ValueError("a first-frame model with its own text encoder needs the prompts")
         stream = CausalStream(model, context, latent_hw=latent_hw, num_frames=latent_frames,
                               config=StreamConfig(block_size=s.block_size, schedule=sched), seed=seed,
-                              first_frame=s.first_frame)
+                              first_frame=first)
         return stream.generate()
     gen = torch.Generator(device=context.device).manual_seed(seed)
     if s.kind == "autoregressive":
@@ -94,7 +101,8 @@ def generate_clips(model: WanDiT, vae: Any, text_encoder: Any, entries: Sequence
     for start in range(0, len(entries), settings.batch_size):
         batch = list(entries[start:start + settings.batch_size])
         ctx = text_encoder.encode([e["caption"] for e in batch]).float()
-        lat = generate_latents(model, ctx, torch.zeros_like(ctx), settings, latent_frames, hw, settings.seed + start)
+        lat = generate_latents(model, ctx, torch.zeros_like(ctx), settings, latent_frames, hw, settings.seed + start,
+                               prompts=[e["caption"] for e in batch])
         with torch.no_grad():
             yield batch, _pixels_to_uint8(vae.decode(lat))
 

@@ -451,6 +451,73 @@ class MiniLMTextEncoder(HFTokenEncoder):
         super().__init__(model.to(device), tokenizer, text_len, dim=int(model.config.hidden_size))
 
 
+class ClauseTextEncoder:
+    """Encode each clause of a prompt on its own and concatenate the clauses' token states.
+
+    A prompt such as ``"a small red circle moving right and a big blue square standing still"`` is split at its
+    joiners (``" and "``, ``", and "``, ``" next to "`` by default) and every clause goes through the wrapped
+    encoder alone, so no token of one clause sees the words of another: each clause's motion words carry only
+    their own object. The clauses' real tokens (special tokens included) are concatenated in order, truncated to
+    ``text_len`` and zero-padded, so the output has the wrapped encoder's shape and padding convention. A prompt
+    with no joiner is encoded exactly as by the wrapped encoder. Meant for compositional captions (ShapesWorld);
+    a joiner inside one object's description ("a black and white cat") would be split too.
+    """
+
+    DEFAULT_PATTERN = r"\s*,\s*and\s+|\s+and\s+|\s+next\s+to\s+"
+
+    def __init__(self, encoder: HFTokenEncoder, pattern: str = DEFAULT_PATTERN) -> None:
+        self.encoder = encoder
+        self.split_re = re.compile(pattern)
+
+    @property
+    def dim(self) -> int:
+        """Width of one token embedding."""
+        return self.encoder.dim
+
+    @property
+    def text_len(self) -> int:
+        """Number of token positions of every output."""
+        return self.encoder.text_len
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the returned embeddings."""
+        return self.encoder.device
+
+    def clauses(self, prompt: str) -> list[str]:
+        """The prompt's clauses in order (a prompt without joiner is one clause; empty pieces are dropped)."""
+        parts = [c.strip() for c in self.split_re.split(prompt.strip())]
+        return [c for c in parts if c] or [prompt]
+
+    def encode(self, prompts: list[str]) -> Tensor:
+        """Embed ``prompts`` as ``[B, text_len, dim]``: each clause alone, their tokens concatenated."""
+        _check_prompts(prompts)
+        pieces = [self.clauses(p) for p in prompts]
+        flat = [c for cs in pieces for c in cs]
+        input_ids, attention_mask = self.encoder.tokenize(flat)
+        with torch.no_grad():
+            hidden = self.encoder.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        lengths = attention_mask.sum(dim=1).tolist()
+        L = self.text_len
+        out = hidden.new_zeros(len(prompts), L, hidden.shape[-1])
+        row = 0
+        for i, cs in enumerate(pieces):
+            pos = 0
+            for _ in cs:
+                n = min(int(lengths[row]), L - pos)
+                if n > 0:
+                    out[i, pos:pos + n] = hidden[row, :n]
+                    pos += n
+                row += 1
+        return out
+
+
+def build_clause_minilm(text_len: int = 128, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                        model_path: str | Path | None = None) -> ClauseTextEncoder:
+    """:class:`ClauseTextEncoder` over :class:`MiniLMTextEncoder` (same arguments as the latter)."""
+    return ClauseTextEncoder(MiniLMTextEncoder(text_len=text_len, device=device, dtype=dtype, model_path=model_path))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Caching and factory
 # ----------------------------------------------------------------------------------------------------------------
@@ -522,6 +589,7 @@ class CachedTextEncoder:
 TEXT_ENCODER_KINDS: dict[str, Callable[..., TextEncoder]] = {
     "umt5": UMT5TextEncoder.from_wan_folder,
     "minilm": MiniLMTextEncoder,
+    "minilm-clauses": build_clause_minilm,
 }
 
 
@@ -530,7 +598,7 @@ def build_text_encoder(kind: str, *, cache_size: int = 64, **kwargs: Any) -> Tex
 
     Kinds: ``"umt5"`` → :meth:`UMT5TextEncoder.from_wan_folder` (``folder``, ``device``, ``dtype``,
     ``text_len``, ``config``); ``"minilm"`` → :class:`MiniLMTextEncoder` (``text_len``, ``device``, ``dtype``,
-    ``model_path``).
+    ``model_path``); ``"minilm-clauses"`` → :class:`ClauseTextEncoder` over MiniLM (the same arguments).
 
     Raises:
         ConfigError: unknown kind (the message lists the known ones) or arguments the kind does not accept.

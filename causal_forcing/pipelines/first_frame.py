@@ -17,15 +17,21 @@ block by block, at the student's block size, as the student's own frames would b
 In ``pipeline.json``::
 
     "first_frame": {"path": "first_frame", "steps": 20, "guidance": 4.0, "shift": 5.0, "solver": "unipc",
-                    "frames": 1}
+                    "frames": 1, "text_encoder": null}
 
 ``path`` is a model folder (``config.json`` + ``model.safetensors``) relative to the pipeline folder. The
 negative prompt of the guidance is the all-zero context, the unconditional input the model was trained with
-(``data.text_encoder: dataset`` drops captions to zeros).
+(``data.text_encoder: dataset`` drops captions to zeros). ``text_encoder`` null means the model reads the
+pipeline's own text embeddings; a MiniLM kind (``minilm`` or ``minilm-clauses``, models/text.py) gives it its
+own encoding of the prompt instead, e.g. each clause of a two-object caption encoded alone so that every motion
+word carries only its own object (docs/results.md, "Run 10"). Callers that know the prompts bind them with
+:meth:`FirstFrameSampler.for_prompts`.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -35,6 +41,8 @@ from ..models.wan import WanDiT
 from .teacher import sample_autoregressive
 
 SOLVERS = ("unipc", "euler")
+#: Text encoder kinds a first-frame model may have of its own (small models this project trains).
+TEXT_ENCODERS = ("minilm", "minilm-clauses")
 
 
 @dataclass(frozen=True)
@@ -46,7 +54,11 @@ class FirstFrameSpec:
     guidance: float = 4.0
     shift: float = 5.0
     solver: str = "unipc"
-    frames: int = 1          # latent frames it makes before the student takes over (a prefix of the clip)
+    frames: int = 1          # latent frames made before the student takes over (a prefix of the clip)
+    text_encoder: str | None = None   # its own text encoder kind (TEXT_ENCODERS); None: the pipeline's embeddings
+    prefix_path: str | None = None    # a second model that makes frames 1..frames-1 after the first-frame model's
+    prefix_text_encoder: str | None = None   # the prefix model's own text encoder kind; None: the pipeline's
+    refine_steps: int = 0    # the student re-draws the prefix through its last N steps (0: the prefix as made)
 
     def __post_init__(self) -> None:
         if not self.path:
@@ -61,31 +73,109 @@ class FirstFrameSpec:
             raise ConfigError(f"first_frame.shift must be positive, got {self.shift}")
         if self.solver not in SOLVERS:
             raise ConfigError(f"first_frame.solver must be one of {', '.join(SOLVERS)}, got {self.solver!r}")
+        if isinstance(self.refine_steps, bool) or not isinstance(self.refine_steps, int) or self.refine_steps < 0:
+            raise ConfigError(f"first_frame.refine_steps must be an integer >= 0, got {self.refine_steps!r}")
+        for name in ("text_encoder", "prefix_text_encoder"):
+            kind = getattr(self, name)
+            if kind is not None and kind not in TEXT_ENCODERS:
+                raise ConfigError(f"first_frame.{name} must be one of {', '.join(TEXT_ENCODERS)} or null, "
+                                  f"got {kind!r}")
+        if self.prefix_path is not None and (not self.prefix_path or self.frames < 2):
+            raise ConfigError("first_frame.prefix_path must name a model folder, and needs frames >= 2")
+        if self.prefix_text_encoder is not None and self.prefix_path is None:
+            raise ConfigError("first_frame.prefix_text_encoder needs first_frame.prefix_path")
 
 
 class FirstFrameSampler:
     """Callable ``(context [B, L, D], noise [B, n, C, H, W]) -> latent frames 0..n-1 [B, n, C, H, W]`` (float32).
 
-    ``frames`` (from the spec) is how many frames a stream asks it for; it samples them autoregressively, one
-    frame per block, each with the full many-step guided solve."""
+    ``frames`` (from the spec) is how many frames a stream asks it for; they are sampled autoregressively, one
+    frame per block, each with the full many-step guided solve: all by the first-frame model, or, with a
+    ``prefix_model``, frame 0 by the first-frame model and the rest by the prefix model, continuing from it (frame
+    0 committed to its cache as an I2V image). A model with a text encoder of its own samples from its own
+    embeddings of the prompts: call the sampler through :meth:`for_prompts`, which binds them."""
 
-    def __init__(self, model: WanDiT, spec: FirstFrameSpec | None = None):
+    def __init__(self, model: WanDiT, spec: FirstFrameSpec | None = None, text_encoder: Any = None, *,
+                 prefix_model: WanDiT | None = None, prefix_text_encoder: Any = None):
         self.model = model
         self.spec = spec or FirstFrameSpec()
+        for what, given, named in (("a first-frame model", text_encoder, self.spec.text_encoder),
+                                   ("a prefix model", prefix_text_encoder, self.spec.prefix_text_encoder)):
+            if (given is None) != (named is None):
+                raise ConfigError(f"{what} needs its own text encoder exactly when the spec names one "
+                                  f"(spec: {named!r})")
+        if (prefix_model is None) != (self.spec.prefix_path is None):
+            raise ConfigError("a prefix model must be given exactly when the spec names prefix_path")
+        self.text_encoder = text_encoder
+        self.prefix_model = prefix_model
+        self.prefix_text_encoder = prefix_text_encoder
 
     @property
     def frames(self) -> int:
         return self.spec.frames
 
-    @torch.no_grad()
+    @property
+    def refine_steps(self) -> int:
+        return self.spec.refine_steps
+
+    def models(self) -> list[WanDiT]:
+        """Every network it runs."""
+        return [self.model] + ([] if self.prefix_model is None else [self.prefix_model])
+
+    def for_prompts(self, prompts: Sequence[str]) -> FirstFrameSampler | _PromptBound:
+        """The sampler to hand a stream made for ``prompts``: itself, or, where a model has a text encoder of its
+        own, a callable that gives that model its own embeddings of ``prompts`` instead of the stream's."""
+        if self.text_encoder is None and self.prefix_text_encoder is None:
+            return self
+        own = [None if enc is None else enc.encode(list(prompts)).float()
+               for enc in (self.text_encoder, self.prefix_text_encoder)]
+        return _PromptBound(self, own[0], own[1])
+
     def __call__(self, context: Tensor, noise: Tensor) -> Tensor:
+        return self.sample(context, context, noise)
+
+    @torch.no_grad()
+    def sample(self, context: Tensor, prefix_context: Tensor, noise: Tensor) -> Tensor:
+        """Frames 0..n-1: the first-frame model reads ``context``, the prefix model (if any) ``prefix_context``."""
         if noise.dim() != 5 or noise.shape[1] < 1:
             raise ValueError(f"first-frame noise must be [B, n, C, H, W] with n >= 1, got {list(noise.shape)}")
+        n = noise.shape[1]
+        first = self._solve(self.model, context, noise if self.prefix_model is None else noise[:, :1])
+        if self.prefix_model is None or n == 1:
+            return first
+        return self._solve(self.prefix_model, prefix_context, noise[:, 1:], initial=first)
+
+    def _solve(self, model: WanDiT, context: Tensor, noise: Tensor, initial: Tensor | None = None) -> Tensor:
         s = self.spec
-        device = next(self.model.parameters()).device
+        device = next(model.parameters()).device
         context = context.to(device)
         negative = torch.zeros_like(context) if s.guidance != 1.0 else None
-        return sample_autoregressive(self.model, context, negative, num_frames=noise.shape[1],
+        n_in = 0 if initial is None else initial.shape[1]
+        return sample_autoregressive(model, context, negative, num_frames=n_in + noise.shape[1],
                                      latent_hw=tuple(noise.shape[-2:]), steps=s.steps, shift=s.shift,
                                      guidance=s.guidance, solver=s.solver, noise=noise,  # type: ignore[arg-type]
-                                     batch_cfg=True)
+                                     initial_latent=initial, batch_cfg=True)
+
+
+class _PromptBound:
+    """A :class:`FirstFrameSampler` bound to its models' own embeddings of a stream's prompts."""
+
+    def __init__(self, sampler: FirstFrameSampler, context: Tensor | None, prefix_context: Tensor | None):
+        self.sampler = sampler
+        self.context = context
+        self.prefix_context = prefix_context
+
+    @property
+    def frames(self) -> int:
+        return self.sampler.frames
+
+    @property
+    def refine_steps(self) -> int:
+        return self.sampler.refine_steps
+
+    def __call__(self, context: Tensor, noise: Tensor) -> Tensor:
+        for own in (self.context, self.prefix_context):
+            if own is not None and own.shape[0] != context.shape[0]:
+                raise ValueError(f"the stream has batch {context.shape[0]}, the bound prompts {own.shape[0]}")
+        return self.sampler.sample(context if self.context is None else self.context,
+                                   context if self.prefix_context is None else self.prefix_context, noise)

@@ -204,10 +204,11 @@ class InteractiveStream:
             with _PIPELINE_LOCK:
                 context = pipeline.encode_prompt(prompt)
                 initial = None if image is None else pipeline.encode_image(image)
+                first = pipeline.first_frame_for(prompt)
             try:
                 self._latents = CausalStream(pipeline.model, context, latent_hw=pipeline.latent_hw,
                                              num_frames=latent_frames, config=config, seed=seed,
-                                             initial_latent=initial, first_frame=pipeline.first_frame)
+                                             initial_latent=initial, first_frame=first)
             except ValueError as e:  # a window that cannot hold a block, too few frames, ...
                 raise InputError(str(e)) from None
             self._decoder = pipeline.vae.streaming_decoder()

@@ -189,6 +189,9 @@ class PipelineSpec:
             self.stream_config()
         except ValueError as e:  # bad step lists, sigma mode, window
             raise ConfigError(str(e)) from None
+        if self.first_frame is not None and self.first_frame.refine_steps > self.num_steps:
+            raise ConfigError(f"first_frame.refine_steps {self.first_frame.refine_steps} exceeds the student's "
+                              f"{self.num_steps} steps")
 
     def schedule(self) -> FewStepSchedule:
         return FewStepSchedule.from_config(self.steps, self.first_block_steps, warp=self.warp_steps,
@@ -442,7 +445,8 @@ def load_pipeline(model: str | Path | None = None, *, base: str | Path | None = 
     vae = VAE_KINDS[spec.vae.kind](root / spec.vae.path, torch.device("cpu"), vae_dtype)
     text_device, text_dtype = _text_placement(dev, dt, offload)
     text_encoder = _build_text_encoder(spec.text_encoder, root, text_device, text_dtype)
-    first_frame = None if spec.first_frame is None else _load_first_frame(spec.first_frame, root, dt)
+    first_frame = None if spec.first_frame is None else _load_first_frame(spec.first_frame, root, dt,
+                                                                          text_spec=spec.text_encoder)
     if first_frame is not None:
         what += f" + first-frame model ({spec.first_frame.steps} steps)"
     return VideoPipeline(dit, text_encoder, vae, stream_config=spec.stream_config(), latent_hw=spec.latent_hw,
@@ -450,14 +454,28 @@ def load_pipeline(model: str | Path | None = None, *, base: str | Path | None = 
                          offload=offload, pix_fmt=spec.pix_fmt, description=what, first_frame=first_frame)
 
 
-def _load_first_frame(spec: FirstFrameSpec, root: Path, dtype: torch.dtype) -> FirstFrameSampler:
-    """The first-frame model of a pipeline folder: a model folder at ``root / spec.path``."""
-    folder = root / spec.path
-    if not (folder / WAN_CONFIG_FILE).is_file():
-        raise CheckpointError(f"first-frame model not found: {folder} (no {WAN_CONFIG_FILE})")
-    config = read_model_config(folder / WAN_CONFIG_FILE)
-    model, _ = _load_dit(config, folder, ema=False, prefer_ema=False, dtype=dtype)
-    return FirstFrameSampler(model, spec)
+def _load_first_frame(spec: FirstFrameSpec, root: Path, dtype: torch.dtype,
+                      text_spec: TextEncoderSpec | None = None) -> FirstFrameSampler:
+    """The first-frame model of a pipeline folder (a model folder at ``root / spec.path``), its prefix model if
+    the spec names one, and the text encoders of their own (on the CPU, fp32, from the pipeline's MiniLM
+    weights when the pipeline names a folder for them)."""
+    text_path = None
+    if text_spec is not None and text_spec.kind == "minilm" and text_spec.path is not None:
+        text_path = root / text_spec.path
+
+    def load(rel: str, what: str, kind: str | None) -> tuple[WanDiT, Any]:
+        folder = root / rel
+        if not (folder / WAN_CONFIG_FILE).is_file():
+            raise CheckpointError(f"{what} not found: {folder} (no {WAN_CONFIG_FILE})")
+        config = read_model_config(folder / WAN_CONFIG_FILE)
+        model, _ = _load_dit(config, folder, ema=False, prefer_ema=False, dtype=dtype)
+        text = None if kind is None else build_text_encoder(kind, model_path=text_path, text_len=config.text_len)
+        return model, text
+
+    model, text = load(spec.path, "first-frame model", spec.text_encoder)
+    prefix, prefix_text = (None, None) if spec.prefix_path is None else \
+        load(spec.prefix_path, "prefix model", spec.prefix_text_encoder)
+    return FirstFrameSampler(model, spec, text, prefix_model=prefix, prefix_text_encoder=prefix_text)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -479,13 +497,14 @@ def _save_wan_vae(vae: Any, folder: Path) -> None:
 
 def save_pipeline_folder(folder: str | Path, spec: PipelineSpec, model: WanDiT | Mapping[str, torch.Tensor], *,
                          config: ModelConfig | None = None, vae: Any = None,
-                         first_frame: WanDiT | None = None) -> Path:
+                         first_frame: WanDiT | None = None, prefix: WanDiT | None = None) -> Path:
     """Write a pipeline folder that ``load_pipeline`` reads: the DiT, the VAE (when given), then ``pipeline.json``.
 
     ``model`` is a ``WanDiT`` or a Wan-layout state dict (then ``config`` is required). ``vae`` (a ``WanVAE`` or a
     diffusers ``AutoencoderKLWan``) is written to ``spec.vae.path``; without it that path must already hold a
     VAE. ``first_frame`` (a ``WanDiT``) is written to ``spec.first_frame.path``; a spec with a first-frame entry
-    and no model needs one there already. Each file is written atomically and ``pipeline.json`` last, so a
+    and no model needs one there already; likewise ``prefix`` and ``spec.first_frame.prefix_path``. Each file is
+    written atomically and ``pipeline.json`` last, so a
     half-written folder never loads.
     """
     folder = Path(folder)
@@ -510,6 +529,13 @@ def save_pipeline_folder(folder: str | Path, spec: PipelineSpec, model: WanDiT |
         save_model_folder(first_frame, first_frame.config, folder / spec.first_frame.path)  # type: ignore[union-attr]
     elif spec.first_frame is not None and not (folder / spec.first_frame.path / WAN_CONFIG_FILE).is_file():
         raise ConfigError(f"no first-frame model given and none at {folder / spec.first_frame.path}")
+    prefix_path = None if spec.first_frame is None else spec.first_frame.prefix_path
+    if prefix is not None:
+        if prefix_path is None:
+            raise ConfigError("a prefix model was given but the spec's first_frame has no prefix_path")
+        save_model_folder(prefix, prefix.config, folder / prefix_path)
+    elif prefix_path is not None and not (folder / prefix_path / WAN_CONFIG_FILE).is_file():
+        raise ConfigError(f"no prefix model given and none at {folder / prefix_path}")
     with atomic_path(folder / PIPELINE_FILE) as tmp:
         tmp.write_text(json.dumps(spec.to_dict(), indent=2) + "\n", encoding="utf-8")
     return folder

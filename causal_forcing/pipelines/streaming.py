@@ -241,8 +241,12 @@ class CausalStream:
             k = k if self.num_frames is None else min(k, self.num_frames)
             x = self.noise.initial((self.batch_size, k, self.model.config.in_dim, *self.latent_hw))
             img = self.first_frame(self.context, x.to(self.device, torch.float32)).to(self.device, self.dtype)
+            refine = int(getattr(self.first_frame, "refine_steps", 0))
+            if refine:
+                img = self._refine_prefix(img, refine)
+            else:
+                self._pending_commit = (img, 0)   # committed like a generated block (block index -1 in traces)
             self.frame = img.shape[1]
-            self._pending_commit = (img, 0)   # committed like a generated block (block index -1 in traces)
             if self.done and self.cfg.commit_last:
                 self._flush_commit()
             return img
@@ -261,6 +265,29 @@ class CausalStream:
         if self.done and self.cfg.commit_last:
             self._flush_commit()
         return x0
+
+    def _refine_prefix(self, prefix: Tensor, refine: int) -> Tensor:
+        """Re-draw a first-frame model's prefix with the student, block by block: each block of the prefix is
+        noised to the student's ``refine``-th last timestep and denoised through the student's last ``refine``
+        steps, on the cache of the blocks before it. The coarse layout (where objects are, how they move) comes
+        from the prefix; the fine detail is the student's own, so the student later continues frames that look
+        like its own."""
+        steps = self.cfg.schedule.steps
+        if not 1 <= refine <= len(steps):
+            raise ValueError(f"refine_steps {refine} is outside the student's {len(steps)}-step schedule")
+        steps = steps[-refine:]
+        n = self.cfg.block_size
+        out = []
+        for i in range(0, prefix.shape[1], n):
+            self._flush_commit()
+            piece = prefix[:, i:i + n]
+            eps = self.noise.fresh(tuple(piece.shape)).to(piece.device, piece.dtype)
+            x = add_noise(piece, eps, self.cfg.schedule.sigma(_timesteps(steps[0], piece)))
+            x0 = denoise_block(self.model, x, steps, self.cfg.schedule, context=self.context, cache=self.cache,
+                               start_frame=i, noise=self.noise, trace=self.trace, block=-1)
+            self._pending_commit = (x0, i)
+            out.append(x0)
+        return torch.cat(out, dim=1)
 
     def _flush_commit(self) -> None:
         """Commit the previous block lazily, right before it is needed (so a consumer gets the block first)."""

@@ -275,12 +275,16 @@ class VideoPipeline:
             raise ConfigError(str(e)) from None
         self.model = model.eval().requires_grad_(False)
         self.first_frame = first_frame
-        if first_frame is not None:
-            c = first_frame.model.config
-            if (c.in_dim, c.text_dim) != (model.config.in_dim, model.config.text_dim):
-                raise ConfigError(f"the first-frame model has in_dim={c.in_dim}, text_dim={c.text_dim}; the DiT "
-                                  f"has {model.config.in_dim}, {model.config.text_dim}")
-            first_frame.model.eval().requires_grad_(False)
+        readers = [] if first_frame is None else zip(first_frame.models(),
+                                                     (first_frame.text_encoder, first_frame.prefix_text_encoder))
+        for net, encoder in readers:
+            c = net.config
+            if c.in_dim != model.config.in_dim:
+                raise ConfigError(f"the first-frame model has in_dim={c.in_dim}; the DiT has {model.config.in_dim}")
+            if encoder is None and c.text_dim != model.config.text_dim:   # it reads the pipeline's embeddings
+                raise ConfigError(f"the first-frame model has text_dim={c.text_dim}; the DiT has "
+                                  f"{model.config.text_dim}")
+            net.eval().requires_grad_(False)
         self.vae = vae
         self.text_encoder = text_encoder if isinstance(text_encoder, CachedTextEncoder) \
             else CachedTextEncoder(text_encoder)
@@ -322,7 +326,7 @@ class VideoPipeline:
         return int(own_first > 0) + -(-generated // self.block_size)
 
     def _dits(self) -> list[WanDiT]:
-        return [self.model] + ([] if self.first_frame is None else [self.first_frame.model])
+        return [self.model] + ([] if self.first_frame is None else self.first_frame.models())
 
     # ---- placement (offload) -------------------------------------------------------------------------------
     def _acquire(self) -> None:
@@ -344,6 +348,10 @@ class VideoPipeline:
                 torch.cuda.empty_cache()
 
     # ---- conditioning --------------------------------------------------------------------------------------
+    def first_frame_for(self, prompt: str) -> Any:
+        """The first-frame sampler to give a stream of ``prompt`` (None without a first-frame model)."""
+        return None if self.first_frame is None else self.first_frame.for_prompts([prompt])
+
     def encode_prompt(self, prompt: str) -> Tensor:
         """Text embeddings ``[1, L, text_dim]`` on the DiT's device (cached per prompt)."""
         if not isinstance(prompt, str):
@@ -452,7 +460,7 @@ class VideoStream:
             initial = None if image is None else pipeline.encode_image(image)
             self._latents = CausalStream(pipeline.model, context, latent_hw=pipeline.latent_hw,
                                          num_frames=latent_frames, config=pipeline.stream_config, seed=seed,
-                                         initial_latent=initial, first_frame=pipeline.first_frame)
+                                         initial_latent=initial, first_frame=pipeline.first_frame_for(prompt))
             self._decoder = pipeline.vae.streaming_decoder()
             self._device = self._latents.device
             _sync(self._device)
