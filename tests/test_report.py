@@ -105,14 +105,15 @@ def test_sample_grid_tiles_clips(tmp_path: Path) -> None:
 
 def test_ship_takes_the_best_evaluated_causal_model_of_each_block_size(tmp_path):
     """Frame-wise and chunk-wise folders each get the init or DMD student with the best mean in-distribution Total,
-    and both name the first-frame model; a folder with no trained and evaluated candidate, or no first-frame model
-    yet, leaves the step unfinished (partial record), not faked."""
+    and both name the first-frame model, the frame-wise one the prefix model too; a folder with no trained and
+    evaluated candidate, or no first-frame or prefix model yet, leaves the step unfinished (partial record), not
+    faked."""
     from causal_forcing.checkpoints import save_model_folder
     from causal_forcing.config import model_preset
     from causal_forcing.models.small_vae import SmallVAE
     from causal_forcing.models.wan import WanDiT
     from causal_forcing.pipelines.loading import load_pipeline
-    from causal_forcing.recipes.shapes import ShapesRecipe
+    from causal_forcing.recipes.shapes import PREFIX_FRAMES, ShapesRecipe
     SmallVAE().save_folder(tmp_path / "vae")
     dit = WanDiT(model_preset("shapes").replace(dim=32, ffn_dim=64, num_heads=2, num_layers=1))
     recipe = ShapesRecipe(tmp_path, quick=True)
@@ -131,10 +132,16 @@ def test_ship_takes_the_best_evaluated_causal_model_of_each_block_size(tmp_path)
     assert not ship.output.exists()                              # no chunk-wise model yet: unfinished
     partial = json.loads((tmp_path / "pipelines" / "shipped.partial.json").read_text())
     assert partial["shapes_framewise"]["model"] == "causal_cd_framewise"
-    assert partial["not_trained_yet"] == ["shapes_chunkwise", "shapes_first_frame"]
+    assert partial["not_trained_yet"] == ["shapes_chunkwise", "shapes_first_frame", "shapes_prefix"]
     assert load_pipeline(tmp_path / "pipelines" / "shapes_framewise").first_frame is None
     first = WanDiT(dit.config.replace(abs_pos_freqs=2))
     save_model_folder(first, first.config, recipe.final("first_frame"))
+    ship.run()
+    assert json.loads((tmp_path / "pipelines" / "shipped.partial.json").read_text())["not_trained_yet"] == [
+        "shapes_chunkwise", "shapes_prefix"]
+    assert load_pipeline(tmp_path / "pipelines" / "shapes_framewise").first_frame.spec.prefix_path is None
+    prefix = WanDiT(dit.config.replace(abs_pos_freqs=2))
+    save_model_folder(prefix, prefix.config, recipe.final("prefix"))
     for model, totals in (("causal_ode_chunkwise", [0.5, 0.5]), ("dmd_causal_ode_chunkwise", [0.55, 0.55])):
         write_summary(tmp_path, model, totals, block_size=3)
         save_model_folder(dit, dit.config, recipe.final(model))
@@ -147,6 +154,11 @@ def test_ship_takes_the_best_evaluated_causal_model_of_each_block_size(tmp_path)
     assert not (tmp_path / "pipelines" / "shipped.partial.json").exists()
     chunkwise = load_pipeline(tmp_path / "pipelines" / "shapes_chunkwise")
     assert chunkwise.stream_config.block_size == 3 and chunkwise.first_frame.model.config.abs_pos_freqs == 2
+    assert chunkwise.first_frame.prefix_model is None and chunkwise.first_frame.frames == 1
+    framewise = load_pipeline(tmp_path / "pipelines" / "shapes_framewise")
+    spec = framewise.first_frame.spec
+    assert (spec.frames, spec.prefix_text_encoder) == (PREFIX_FRAMES, "minilm-clauses")
+    assert framewise.first_frame.prefix_model is not None and len(framewise.first_frame.models()) == 2
 
 
 def scores(name: str, in_dist: list[float], held_out: list[float]) -> report.ModelScores:

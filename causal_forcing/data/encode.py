@@ -22,10 +22,10 @@ from typing import Any
 import torch
 
 from ..errors import InputError
-from .latents import LatentWriter
+from .latents import LatentDataset, LatentWriter
 from .shapes_io import MANIFEST_NAME, load_clip, read_manifest
 
-__all__ = ["EncodeSummary", "encode_clips", "sample_record"]
+__all__ = ["EncodeSummary", "encode_clips", "reencode_text", "sample_record"]
 
 _CHECKED_META = ("source", "vae", "text_encoder", "text_len")
 """Dataset metadata that must match when a run continues an existing folder."""
@@ -100,3 +100,32 @@ def encode_clips(clips: str | Path, vae: Any, out: str | Path, *, vae_name: str 
             if progress is not None:
                 progress(done, len(entries))
     return EncodeSummary(out=out, total=len(entries), encoded=len(entries) - skipped, skipped=skipped)
+
+
+def reencode_text(src: str | Path, out: str | Path, text_encoder: Any, *, text_encoder_name: str,
+                  max_frames: int = 0, shard_size: int = 64, batch_size: int = 64,
+                  progress: Callable[[int, int], None] | None = None) -> EncodeSummary:
+    """Copy the latent dataset `src` into `out` with every sample's `context` re-encoded by `text_encoder` from its
+    record's training caption, keeping only the first `max_frames` latent frames (0: all). No VAE is run, so this
+    is how a second text encoding of one set of clips is made in seconds (e.g. `minilm-clauses` for the prefix
+    model of the bundled pipeline). Resumable like `encode_clips`; refuses to continue a folder written from another
+    source or text encoder."""
+    data = LatentDataset(src, max_frames=max_frames)
+    meta = {"source": str(Path(src).resolve()), "vae": data.meta.get("vae"),
+            "text_encoder": text_encoder_name, "text_len": int(text_encoder.text_len),
+            "latent_channels": data.meta.get("latent_channels"), "max_frames": max_frames or None}
+    out = Path(out)
+    _check_meta(out, meta)
+    skipped = 0
+    with LatentWriter(out, kind="latents", shard_size=shard_size, meta=meta) as writer:
+        todo = [i for i in range(len(data)) if str(data.records[i].get("id")) not in writer.done_ids]
+        skipped = len(data) - len(todo)
+        for start in range(0, len(todo), batch_size):
+            items = [data[i] for i in todo[start:start + batch_size]]
+            with torch.inference_mode():
+                contexts = text_encoder.encode([it["record"]["caption"] for it in items]).float().cpu()
+            for it, context in zip(items, contexts):
+                writer.add(it["latents"], it["record"], context)
+            if progress is not None:
+                progress(skipped + start + len(items), len(data))
+    return EncodeSummary(out=out, total=len(data), encoded=len(data) - skipped, skipped=skipped)

@@ -3,7 +3,8 @@
     data → VAE → latents + MiniLM embeddings → bidirectional teacher → AR teachers (frame-/chunk-wise)
     → ODE data (causal; bidirectional for the baseline) → few-step inits (causal ODE, causal CD, Self Forcing ODE)
     → DMD from each → ShapesBench evaluation of everything
-    (+ the first-frame model of the shipped pipelines: the frame-wise AR teacher fine-tuned on frame 0)
+    (+ the first-frame model of the shipped pipelines: the frame-wise AR teacher fine-tuned on frame 0, and the
+    prefix model of the frame-wise one: the first-frame model fine-tuned on the first frames, with clause-wise text)
 
 Each step has one output; a step whose output exists is skipped, a training step with checkpoints resumes, so
 the recipe can be interrupted at any moment and run again (``causal-forcing recipe shapes --out DIR``).
@@ -11,6 +12,7 @@ Stage settings come from ``configs/shapes/*.yaml``; the recipe only wires paths 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -30,7 +32,7 @@ TEXT_LEN = 32
 FEW_STEP = [1000.0, 750.0, 500.0, 250.0]
 #: The stage config files the plan reads (from configs/shapes or the folder given as ``configs``).
 STAGE_FILES = ("bidirectional_short.yaml", "bidirectional.yaml", "ar_diffusion.yaml", "ode_data.yaml",
-               "causal_ode.yaml", "causal_cd.yaml", "dmd.yaml", "first_frame.yaml")
+               "causal_ode.yaml", "causal_cd.yaml", "dmd.yaml", "first_frame.yaml", "prefix.yaml")
 #: The frame-wise inits of the key comparison (causal ODE init vs Self Forcing's bidirectional ODE init).
 KEY_INITS = ("causal_ode_framewise", "self_forcing_ode_framewise")
 #: The causal inits behind each bundled pipeline folder (and its block size): each init and its DMD student are
@@ -39,6 +41,11 @@ SHIP_CANDIDATES = {"shapes_framewise": (1, ("causal_ode_framewise", "causal_cd_f
                    "shapes_chunkwise": (3, ("causal_ode_chunkwise", "causal_cd_chunkwise"))}
 #: Every causal init that may be shipped: these are evaluated over all the sampling seeds, like the DMD students.
 SHIP_INITS = tuple(init for _, inits in SHIP_CANDIDATES.values() for init in inits)
+#: Latent frames the shipped frame-wise pipeline makes before its student takes over when there is a prefix model:
+#: frame 0 by the first-frame model, frames 1..PREFIX_FRAMES-1 by the prefix model (the best of 2-5, "Run 10").
+PREFIX_FRAMES = 4
+#: The prefix model's own text encoder: each clause of a caption encoded alone (models/text.py).
+PREFIX_TEXT = "minilm-clauses"
 
 
 @dataclass
@@ -108,6 +115,18 @@ class ShapesRecipe:
         text = build_text_encoder("minilm", text_len=TEXT_LEN, device=device)
         encode_clips(self.p("data", "train"), vae, self.p("latents"), vae_name="shapes", text_encoder=text,
                      text_encoder_name=f"minilm-{TEXT_LEN}")
+
+    def _encode_clauses(self) -> None:
+        """The prefix model's training data: the first frames of ``latents`` (as many as prefix.yaml trains on)
+        with every caption re-encoded clause by clause; no VAE runs, so this takes seconds."""
+        from ..data.encode import reencode_text
+        from ..models.text import build_text_encoder
+        from ..training import load_stage_config
+        frames = load_stage_config("ar-diffusion", self.configs / "prefix.yaml", []).data.max_frames
+        text = build_text_encoder(PREFIX_TEXT, text_len=TEXT_LEN, cache_size=0)
+        reencode_text(self.p("latents"), self.p("latents_clauses"), text, text_encoder_name=f"{PREFIX_TEXT}-{TEXT_LEN}",
+                      max_frames=frames)
+        (self.p("latents_clauses") / ".complete").write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"))
 
     def _train(self, stage: str, config: str, name: str, overrides: list[str]) -> Callable[[], None]:
         def go() -> None:
@@ -208,6 +227,13 @@ class ShapesRecipe:
         S.append(Step("first-frame", self.final("first_frame"),
                       self._train("ar-diffusion", "first_frame.yaml", "first_frame",
                                   [lat, f"train.init={self.final('ar_framewise')}"]), ["ar-framewise"]))
+        # The prefix model of the shipped frame-wise pipeline: the first-frame model fine-tuned on the first latent
+        # frames, each caption's clauses encoded alone; it makes frames 1..PREFIX_FRAMES-1 after frame 0.
+        S.append(Step("encode-clauses", self.p("latents_clauses", ".complete"), self._encode_clauses, ["encode"]))
+        S.append(Step("prefix", self.final("prefix"),
+                      self._train("ar-diffusion", "prefix.yaml", "prefix",
+                                  [f"data.path={self.p('latents_clauses')}",
+                                   f"train.init={self.final('first_frame')}"]), ["first-frame", "encode-clauses"]))
         S.append(Step("ode-bidirectional", self.p("ode", "bidirectional"),
                       self._ode("bidirectional", bidir, "bidirectional", 1), ["bidirectional"]))
         # init name → (stage, config, block size, overrides, the steps it reads)
@@ -279,9 +305,10 @@ class ShapesRecipe:
         ``pipelines/shapes_framewise`` and ``pipelines/shapes_chunkwise``, each the best-scoring causal model of its
         block size among the causal inits of ``SHIP_CANDIDATES`` and their DMD students (``report.choose_shipped``:
         in-distribution Total, with held-out Total deciding between models within seed noise of the best), with the
-        first-frame model (step ``first-frame``) in ``pipelines/shapes_first_frame``, which both pipelines name.
-        Copy the four folders into ``causal_forcing/assets/`` to bundle them; ``shipped.json`` records what was
-        chosen and its scores (measured without the first-frame model)."""
+        first-frame model (step ``first-frame``) in ``pipelines/shapes_first_frame``, which both pipelines name, and
+        the prefix model (step ``prefix``) in ``pipelines/shapes_prefix``, which the frame-wise pipeline names for
+        latent frames 1..PREFIX_FRAMES-1. Copy the five folders into ``causal_forcing/assets/`` to bundle them;
+        ``shipped.json`` records what was chosen and its scores (measured without the first-frame model)."""
         from ..checkpoints import load_dit_weights
         from ..checkpoints import save_model_folder
         from ..models.small_vae import SmallVAE
@@ -317,11 +344,20 @@ class ShapesRecipe:
             first_frame = FirstFrameSpec(path="../shapes_first_frame", steps=4 if self.quick else 20)
         else:
             missing.append("shapes_first_frame")
+        with_prefix = first_frame
+        if first_frame is not None and self.final("prefix").exists():
+            state, config = load_dit_weights(self.final("prefix"))
+            save_model_folder(state, config, pipes / "shapes_prefix")
+            with_prefix = dataclasses.replace(first_frame, frames=PREFIX_FRAMES, prefix_path="../shapes_prefix",
+                                              prefix_text_encoder=PREFIX_TEXT)
+        else:
+            missing.append("shapes_prefix")
         for folder, (model, block) in chosen.items():
             state, config = load_dit_weights(self.final(model))
             spec = PipelineSpec(block_size=block, steps=tuple(FEW_STEP), latent_hw=(8, 8),
                                 text_encoder=TextEncoderSpec(kind="minilm", text_len=TEXT_LEN),
-                                vae=VAESpec(kind="small", path="../shapes_vae"), first_frame=first_frame)
+                                vae=VAESpec(kind="small", path="../shapes_vae"),
+                                first_frame=with_prefix if block == 1 else first_frame)
             save_pipeline_folder(pipes / folder, spec, state, config=config)
         record = {name: {"model": model, "block_size": block,
                          "in_distribution_total": evaluated[model].stat("in_distribution", "total")[0],
