@@ -293,7 +293,7 @@ def test_cli_bad_arguments_exit_2_with_one_line(tmp_path, capsys, argv):
     assert err.startswith("causal-forcing ") and "error:" in err and len(err.splitlines()) == 1
 
 
-def test_cli_eval_model_scores_a_checkpoint(tmp_path, capsys):
+def test_cli_eval_model_scores_a_checkpoint(tmp_path, capsys, monkeypatch):
     """`eval model` generates the manifest's prompts with a DiT folder and reports what the judge says of them."""
     from causal_forcing.checkpoints import save_model_folder
     from causal_forcing.config import model_preset
@@ -343,6 +343,23 @@ def test_cli_eval_model_scores_a_checkpoint(tmp_path, capsys):
                  "--first-frame-prefix", str(tmp_path / "pm"), "--first-frame-prefix-text", "minilm-clauses",
                  "--first-frame-refine", "1"]) == 0
     assert (out3 / "eval_000.mp4").read_bytes() != (out2 / "eval_000.mp4").read_bytes()
+    # --weights a pipeline folder that names the first-frame model: a relative --first-frame-prefix is relative to
+    # the working directory, not to the folder, and gives the same clips as the run above.
+    from causal_forcing.pipelines.first_frame import FirstFrameSpec
+    from causal_forcing.pipelines.loading import PipelineSpec, TextEncoderSpec, VAESpec, save_pipeline_folder
+    spec = PipelineSpec(block_size=1, steps=(1000.0, 500.0), latent_hw=(8, 8),
+                        text_encoder=TextEncoderSpec(kind="minilm", text_len=config.text_len),
+                        vae=VAESpec(kind="small", path=str(tmp_path / "vae")),
+                        first_frame=FirstFrameSpec(path=str(tmp_path / "ff"), steps=2, guidance=4.0, frames=2))
+    from causal_forcing.eval.models import load_model_folder
+    save_pipeline_folder(tmp_path / "pipe", spec, load_model_folder(tmp_path / "dit"))
+    monkeypatch.chdir(tmp_path)
+    out4 = tmp_path / "causal_ff4"
+    assert main(["eval", "model", "--weights", "pipe", "--kind", "causal", "--manifest", str(manifest), "--steps", "2",
+                 "--vae", str(tmp_path / "vae"), "--limit", "2", "--out", str(out4),
+                 "--first-frame-prefix", "pm", "--first-frame-prefix-text", "minilm-clauses",
+                 "--first-frame-refine", "1"]) == 0
+    assert (out4 / "eval_000.mp4").read_bytes() == (out3 / "eval_000.mp4").read_bytes()
     capsys.readouterr()
     bads = [["--weights", str(tmp_path / "missing")], ["--limit", "0"], ["--block-size", "0"], ["--device", "gpu0"],
             ["--first-frame", str(tmp_path / "missing")], ["--first-frame", str(tmp_path / "ff"), "--no-first-frame"],

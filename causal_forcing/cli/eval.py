@@ -128,8 +128,9 @@ def _first_frame(args: argparse.Namespace, device: Any) -> Any:
     from ..pipelines.first_frame import FirstFrameSampler, FirstFrameSpec
     from ..pipelines.loading import PIPELINE_FILE, read_pipeline_spec
 
+    prefix_path = None if args.first_frame_prefix is None else str(Path(args.first_frame_prefix).resolve())
     overrides = {"frames": args.first_frame_frames, "text_encoder": args.first_frame_text,
-                 "refine_steps": args.first_frame_refine, "prefix_path": args.first_frame_prefix,
+                 "refine_steps": args.first_frame_refine, "prefix_path": prefix_path,  # not relative to --weights
                  "prefix_text_encoder": args.first_frame_prefix_text}
     if args.no_first_frame:
         if args.first_frame is not None or any(v is not None for v in overrides.values()):
@@ -145,8 +146,6 @@ def _first_frame(args: argparse.Namespace, device: Any) -> Any:
             return None
     else:
         return None
-    if args.first_frame_prefix is not None:
-        args.first_frame_prefix = str(Path(args.first_frame_prefix).resolve())   # not relative to --weights
     try:
         spec = dataclasses.replace(spec, **{k: v for k, v in overrides.items() if v is not None})
     except ConfigError as e:
