@@ -141,7 +141,7 @@ def test_ship_takes_the_best_evaluated_causal_model_of_each_block_size(tmp_path)
         "shapes_chunkwise", "shapes_prefix"]
     assert load_pipeline(tmp_path / "pipelines" / "shapes_framewise").first_frame.spec.prefix_path is None
     prefix = WanDiT(dit.config.replace(abs_pos_freqs=2))
-    save_model_folder(prefix, prefix.config, recipe.final("prefix"))
+    save_model_folder(prefix, prefix.config, recipe.final("prefix_tune"))
     for model, totals in (("causal_ode_chunkwise", [0.5, 0.5]), ("dmd_causal_ode_chunkwise", [0.55, 0.55])):
         write_summary(tmp_path, model, totals, block_size=3)
         save_model_folder(dit, dit.config, recipe.final(model))

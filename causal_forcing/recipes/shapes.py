@@ -32,7 +32,8 @@ TEXT_LEN = 32
 FEW_STEP = [1000.0, 750.0, 500.0, 250.0]
 #: The stage config files the plan reads (from configs/shapes or the folder given as ``configs``).
 STAGE_FILES = ("bidirectional_short.yaml", "bidirectional.yaml", "ar_diffusion.yaml", "ode_data.yaml",
-               "causal_ode.yaml", "causal_cd.yaml", "dmd.yaml", "first_frame.yaml", "prefix.yaml")
+               "causal_ode.yaml", "causal_cd.yaml", "dmd.yaml", "first_frame.yaml", "prefix.yaml",
+               "prefix_tune.yaml")
 #: The frame-wise inits of the key comparison (causal ODE init vs Self Forcing's bidirectional ODE init).
 KEY_INITS = ("causal_ode_framewise", "self_forcing_ode_framewise")
 #: The causal inits behind each bundled pipeline folder (and its block size): each init and its DMD student are
@@ -234,6 +235,10 @@ class ShapesRecipe:
                       self._train("ar-diffusion", "prefix.yaml", "prefix",
                                   [f"data.path={self.p('latents_clauses')}",
                                    f"train.init={self.final('first_frame')}"]), ["first-frame", "encode-clauses"]))
+        S.append(Step("prefix-tune", self.final("prefix_tune"),
+                      self._train("ar-diffusion", "prefix_tune.yaml", "prefix_tune",
+                                  [f"data.path={self.p('latents_clauses')}", f"train.init={self.final('prefix')}"]),
+                      ["prefix", "encode-clauses"]))
         S.append(Step("ode-bidirectional", self.p("ode", "bidirectional"),
                       self._ode("bidirectional", bidir, "bidirectional", 1), ["bidirectional"]))
         # init name → (stage, config, block size, overrides, the steps it reads)
@@ -306,7 +311,7 @@ class ShapesRecipe:
         block size among the causal inits of ``SHIP_CANDIDATES`` and their DMD students (``report.choose_shipped``:
         in-distribution Total, with held-out Total deciding between models within seed noise of the best), with the
         first-frame model (step ``first-frame``) in ``pipelines/shapes_first_frame``, which both pipelines name, and
-        the prefix model (step ``prefix``) in ``pipelines/shapes_prefix``, which the frame-wise pipeline names for
+        the prefix model (step ``prefix-tune``) in ``pipelines/shapes_prefix``, which the frame-wise pipeline names for
         latent frames 1..PREFIX_FRAMES-1. Copy the five folders into ``causal_forcing/assets/`` to bundle them;
         ``shipped.json`` records what was chosen and its scores (measured without the first-frame model)."""
         from ..checkpoints import load_dit_weights
@@ -345,8 +350,8 @@ class ShapesRecipe:
         else:
             missing.append("shapes_first_frame")
         with_prefix = first_frame
-        if first_frame is not None and self.final("prefix").exists():
-            state, config = load_dit_weights(self.final("prefix"))
+        if first_frame is not None and self.final("prefix_tune").exists():
+            state, config = load_dit_weights(self.final("prefix_tune"))
             save_model_folder(state, config, pipes / "shapes_prefix")
             with_prefix = dataclasses.replace(first_frame, frames=PREFIX_FRAMES, prefix_path="../shapes_prefix",
                                               prefix_text_encoder=PREFIX_TEXT)
