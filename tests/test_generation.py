@@ -165,12 +165,12 @@ def test_first_frame_model_in_a_pipeline_folder(tmp_path, tiny_parts):
                                 first_frame=FirstFrameSampler(first, spec.first_frame))
         expected = pixels_to_frames(pipe.vae.decode(latents))
     np.testing.assert_array_equal(np.concatenate(blocks), expected)
-    # A prefix of 2 latent frames: one block of 1 + 4 pixel frames, then the student's last frame.
+    # A prefix of 2 latent frames: frame 0 as soon as it is made (1 pixel frame), frame 1 (4), then the student's.
     spec2 = dataclasses.replace(spec, first_frame=dataclasses.replace(spec.first_frame, frames=2))
     pipe2 = load_pipeline(save_pipeline_folder(tmp_path / "ff2", spec2, dit, vae=autoencoder, first_frame=first))
     with pipe2.stream(PROMPT, seed=3) as stream:
         blocks2 = list(stream)
-    assert [len(b) for b in blocks2] == [5, 4] and stream.num_blocks == 2
+    assert [len(b) for b in blocks2] == [1, 4, 4] and stream.num_blocks == 3
     np.testing.assert_array_equal(blocks2[0][:1], blocks[0])     # frame 0 is the same (the sampler is causal)
 
     data = json.loads((folder / "pipeline.json").read_text())
@@ -247,7 +247,7 @@ def test_prefix_model_in_a_pipeline_folder(tmp_path, tiny_parts):
     two = "a small red circle moving right and a big blue square standing still"
     with pipe.stream(two, seed=3) as stream:
         blocks = list(stream)
-    assert [len(b) for b in blocks] == [5, 4] and stream.num_blocks == 2
+    assert [len(b) for b in blocks] == [1, 4, 4] and stream.num_blocks == 3
     own = build_text_encoder("minilm-clauses", text_len=TINY_DIT.text_len, cache_size=0).encode([two])
     by_hand = FirstFrameSampler(first, ff, prefix_model=prefix, prefix_text_encoder=object())
 

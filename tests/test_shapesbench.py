@@ -359,7 +359,8 @@ def test_cli_eval_model_scores_a_checkpoint(tmp_path, capsys, monkeypatch):
                  "--vae", str(tmp_path / "vae"), "--limit", "2", "--out", str(out4),
                  "--first-frame-prefix", "pm", "--first-frame-prefix-text", "minilm-clauses",
                  "--first-frame-refine", "1"]) == 0
-    assert (out4 / "eval_000.mp4").read_bytes() == (out3 / "eval_000.mp4").read_bytes()
+    a, b = (sb.load_clip(o / "eval_000.mp4").astype(int) for o in (out4, out3))
+    assert a.shape == b.shape and np.abs(a - b).mean() < 0.5     # the same clip, up to float rounding in the DiTs
     capsys.readouterr()
     bads = [["--weights", str(tmp_path / "missing")], ["--limit", "0"], ["--block-size", "0"], ["--device", "gpu0"],
             ["--first-frame", str(tmp_path / "missing")], ["--first-frame", str(tmp_path / "ff"), "--no-first-frame"],

@@ -142,7 +142,7 @@ def test_first_frame_model_equals_its_sampler_then_i2v(tiny_model):
     noise0 = torch.randn(2, 1, 16, *HW, generator=gen)
     frame0 = sample_autoregressive(other, ctx, torch.zeros_like(ctx), num_frames=1, latent_hw=HW, steps=3,
                                    guidance=2.5, solver="euler", noise=noise0)
-    assert torch.allclose(out[:, :1], frame0, atol=1e-6)
+    assert torch.allclose(out[:, :1], frame0, atol=1e-5)   # batched vs separate CFG branches: float rounding
     # The rest: the student after frame 0 committed like its own block, drawing noise after frame 0's.
     stream = CausalStream(tiny_model, ctx, latent_hw=HW, num_frames=4, config=StreamConfig(block_size=2),
                           noise=SeededNoise.from_generator(gen), initial_latent=frame0)
@@ -228,6 +228,48 @@ def test_prefix_model_continues_the_first_frame_model(tiny_model):
                                                               "needs first_frame.prefix_path")):
         with pytest.raises(ConfigError, match=message):
             dataclasses.replace(spec, **bad)
+
+
+def test_prefix_frames_are_handed_on_as_they_are_made(tiny_model):
+    """A stream yields frame 0 of a prefix before the prefix model has run at all (time to first frame is one
+    frame's solve, not the prefix's), then one prefix frame per block; the clip is the same as the whole prefix made
+    at once. A prompt switch during the prefix ends it: the student makes the next frame under the new prompt."""
+    from causal_forcing.models.wan import WanDiT
+    from causal_forcing.pipelines.first_frame import FirstFrameSampler, FirstFrameSpec
+    from conftest import fan_in_init
+
+    first = fan_in_init(WanDiT(tiny_model.config.replace(abs_pos_freqs=2)), seed=7).eval()
+    prefix = fan_in_init(WanDiT(tiny_model.config.replace(abs_pos_freqs=2)), seed=8).eval()
+    sampler = FirstFrameSampler(first, FirstFrameSpec(steps=3, guidance=2.5, solver="euler", frames=3,
+                                                      prefix_path="prefix"), prefix_model=prefix)
+    prefix_calls = []
+    hook = prefix.register_forward_hook(lambda *_: prefix_calls.append(1))
+    try:
+        ctx = _ctx(tiny_model, batch=2)
+        stream = CausalStream(tiny_model, ctx, latent_hw=HW, num_frames=5, seed=5, first_frame=sampler)
+        block0 = stream.next_block()
+        assert block0.shape[1] == 1 and not prefix_calls
+        rest = [stream.next_block() for _ in range(4)]
+        assert [b.shape[1] for b in rest] == [1, 1, 1, 1] and stream.done and prefix_calls
+        class AllAtOnce:                       # no iter_frames: the stream takes the whole prefix as one block
+            frames = 3
+
+            def __call__(self, c, noise):
+                return sampler(c, noise)
+        whole = CausalStream(tiny_model, ctx, latent_hw=HW, num_frames=5, seed=5, first_frame=AllAtOnce())
+        blocks = list(whole)
+        assert blocks[0].shape[1] == 3
+        torch.testing.assert_close(torch.cat([block0, *rest], 1), torch.cat(blocks, 1), atol=1e-6, rtol=0)
+
+        calls = []
+        switched = CausalStream(tiny_model, ctx, latent_hw=HW, num_frames=5, seed=5, first_frame=sampler,
+                                trace=calls.append)
+        switched.next_block()
+        switched.set_context(_ctx(tiny_model, seed=11, batch=2))
+        switched.next_block()
+        assert ("denoise", 1) in [(c["kind"], c["start_frame"]) for c in calls]   # the student made frame 1
+    finally:
+        hook.remove()
 
 
 def test_refined_prefix_is_redrawn_by_the_student(tiny_model):

@@ -11,8 +11,9 @@ its KV cache at t = 0). Frame 0 is one latent frame, so the extra model calls ar
 The same model may make a short prefix instead (``frames`` > 1: frames 0..frames-1, autoregressively, each with
 the full guided solve). A student continues the motion it is shown far better than it picks a motion for each
 object from the caption (docs/results.md, "Run 9"), so a first-frame model trained on the first few frames can
-hand over a clip whose objects already move the caption's way. The prefix is committed to the student's cache
-block by block, at the student's block size, as the student's own frames would be.
+hand over a clip whose objects already move the caption's way. A stream hands each prefix frame on as soon as it
+is made (:meth:`FirstFrameSampler.iter_frames`), so the prefix does not delay the first frame, and commits the
+prefix to the student's cache block by block, at the student's block size, as the student's own frames would be.
 
 In ``pipeline.json``::
 
@@ -29,7 +30,7 @@ word carries only its own object (docs/results.md, "Run 10"). Callers that know 
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +39,7 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from ..models.wan import WanDiT
-from .teacher import sample_autoregressive
+from .teacher import autoregressive_blocks
 
 SOLVERS = ("unipc", "euler")
 #: Text encoder kinds a first-frame model may have of its own (small models this project trains).
@@ -134,24 +135,39 @@ class FirstFrameSampler:
     def __call__(self, context: Tensor, noise: Tensor) -> Tensor:
         return self.sample(context, context, noise)
 
-    @torch.no_grad()
+    def iter_frames(self, context: Tensor, noise: Tensor) -> Iterator[Tensor]:
+        """Frames 0..n-1 one at a time, each [B, 1, C, H, W] as soon as it is made (what a stream uses, so that
+        frame 0 is shown before the rest of the prefix is computed)."""
+        return self.iter_sample(context, context, noise)
+
     def sample(self, context: Tensor, prefix_context: Tensor, noise: Tensor) -> Tensor:
         """Frames 0..n-1: the first-frame model reads ``context``, the prefix model (if any) ``prefix_context``."""
+        return torch.cat(list(self.iter_sample(context, prefix_context, noise)), dim=1)
+
+    @torch.no_grad()
+    def iter_sample(self, context: Tensor, prefix_context: Tensor, noise: Tensor) -> Iterator[Tensor]:
+        """:meth:`sample`, one frame [B, 1, C, H, W] at a time (float32)."""
         if noise.dim() != 5 or noise.shape[1] < 1:
             raise ValueError(f"first-frame noise must be [B, n, C, H, W] with n >= 1, got {list(noise.shape)}")
         n = noise.shape[1]
-        first = self._solve(self.model, context, noise if self.prefix_model is None else noise[:, :1])
+        first = None
+        for frame in self._solve(self.model, context, noise if self.prefix_model is None else noise[:, :1]):
+            first = frame if first is None else first
+            yield frame
         if self.prefix_model is None or n == 1:
-            return first
-        return self._solve(self.prefix_model, prefix_context, noise[:, 1:], initial=first)
+            return
+        later = self._solve(self.prefix_model, prefix_context, noise[:, 1:], initial=first)
+        next(later)                        # the initial frame comes back first: frame 0, already given
+        yield from later
 
-    def _solve(self, model: WanDiT, context: Tensor, noise: Tensor, initial: Tensor | None = None) -> Tensor:
+    def _solve(self, model: WanDiT, context: Tensor, noise: Tensor, initial: Tensor | None = None
+               ) -> Iterator[Tensor]:
         s = self.spec
         device = next(model.parameters()).device
         context = context.to(device)
         negative = torch.zeros_like(context) if s.guidance != 1.0 else None
         n_in = 0 if initial is None else initial.shape[1]
-        return sample_autoregressive(model, context, negative, num_frames=n_in + noise.shape[1],
+        return autoregressive_blocks(model, context, negative, num_frames=n_in + noise.shape[1],
                                      latent_hw=tuple(noise.shape[-2:]), steps=s.steps, shift=s.shift,
                                      guidance=s.guidance, solver=s.solver, noise=noise,  # type: ignore[arg-type]
                                      initial_latent=initial, batch_cfg=True)
@@ -174,8 +190,11 @@ class _PromptBound:
         return self.sampler.refine_steps
 
     def __call__(self, context: Tensor, noise: Tensor) -> Tensor:
+        return torch.cat(list(self.iter_frames(context, noise)), dim=1)
+
+    def iter_frames(self, context: Tensor, noise: Tensor) -> Iterator[Tensor]:
         for own in (self.context, self.prefix_context):
             if own is not None and own.shape[0] != context.shape[0]:
                 raise ValueError(f"the stream has batch {context.shape[0]}, the bound prompts {own.shape[0]}")
-        return self.sampler.sample(context if self.context is None else self.context,
-                                   context if self.prefix_context is None else self.prefix_context, noise)
+        return self.sampler.iter_sample(context if self.context is None else self.context,
+                                        context if self.prefix_context is None else self.prefix_context, noise)

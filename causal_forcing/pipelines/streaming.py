@@ -178,8 +178,10 @@ class CausalStream:
                  exit_steps: Callable[[int], int] | None = None, grad_exit: bool = False,
                  first_frame: Callable[[Tensor, Tensor], Tensor] | None = None):
         self.model = model
-        # Optional first-frame model (pipelines.first_frame): (context, noise [B, 1, C, H, W]) -> latent frame 0.
-        # Without an I2V image it makes frame 0; the student then starts at frame 1, as after an image.
+        # Optional first-frame model (pipelines.first_frame): (context, noise [B, k, C, H, W]) -> latent frames
+        # 0..k-1 (k = its ``frames``, default 1); one with ``iter_frames`` gives them one at a time, and the stream
+        # hands each on as soon as it is made. Without an I2V image it makes the prefix; the student then starts
+        # at frame k, as after an image.
         self.first_frame = first_frame
         # Self-forcing rollouts (training): stop block b after step exit_steps(b), with gradient on that step.
         self.exit_steps = exit_steps
@@ -206,6 +208,8 @@ class CausalStream:
         self.frame = 0          # next latent frame to produce
         self.block = 0          # index of the next *generated* block (the image does not count)
         self._pending_commit: tuple[Tensor, int] | None = None
+        # A first-frame model's prefix being made: (its frames, one at a time, and how many in all).
+        self._prefix: tuple[Iterator[Tensor], int] | None = None
 
     # ---- prompt --------------------------------------------------------------------------------------
     def set_context(self, context: Tensor) -> None:
@@ -213,6 +217,7 @@ class CausalStream:
         if context.shape[0] != self.batch_size:
             raise ValueError(f"new context has batch {context.shape[0]}, the stream has {self.batch_size}")
         self._flush_commit()  # the last block goes into the cache under the prompt it was made with
+        self._prefix = None   # a prefix still being made was for the old prompt: the student takes over here
         self.context = context.to(self.device)
         self.cache.text.reset()
 
@@ -236,20 +241,16 @@ class CausalStream:
                          t=0.0, trace=self.trace, block=-1, kind="image")
             self.frame = img.shape[1]
             return img
-        if self.frame == 0 and self.first_frame is not None:
+        if self.frame == 0 and self.first_frame is not None and self._prefix is None:
             k = getattr(self.first_frame, "frames", 1)     # a first-frame model may make a prefix of k frames
             k = k if self.num_frames is None else min(k, self.num_frames)
             x = self.noise.initial((self.batch_size, k, self.model.config.in_dim, *self.latent_hw))
-            img = self.first_frame(self.context, x.to(self.device, torch.float32)).to(self.device, self.dtype)
-            refine = int(getattr(self.first_frame, "refine_steps", 0))
-            if refine:
-                img = self._refine_prefix(img, refine)
-            else:
-                self._pending_commit = (img, 0)   # committed like a generated block (block index -1 in traces)
-            self.frame = img.shape[1]
-            if self.done and self.cfg.commit_last:
-                self._flush_commit()
-            return img
+            x = x.to(self.device, torch.float32)
+            by_frame = getattr(self.first_frame, "iter_frames", None)   # frame by frame where the sampler can
+            frames = by_frame(self.context, x) if by_frame is not None else iter([self.first_frame(self.context, x)])
+            self._prefix = (frames, k)
+        if self._prefix is not None:
+            return self._next_prefix_block()
         n = self.cfg.block_size if self.num_frames is None else min(self.cfg.block_size, self.num_frames - self.frame)
         C = self.model.config.in_dim
         shape = (self.batch_size, n, C, *self.latent_hw)
@@ -266,7 +267,29 @@ class CausalStream:
             self._flush_commit()
         return x0
 
-    def _refine_prefix(self, prefix: Tensor, refine: int) -> Tensor:
+    def _next_prefix_block(self) -> Tensor:
+        """The next block of a first-frame model's prefix: its frames as they are made, one student block at a
+        time (so frame 0 reaches the consumer before the rest of the prefix is computed), committed like the
+        student's own blocks (block index -1 in traces)."""
+        frames, k = self._prefix  # type: ignore[misc]
+        want = min(self.cfg.block_size, k - self.frame)
+        pieces: list[Tensor] = []
+        while sum(p.shape[1] for p in pieces) < want:
+            pieces.append(next(frames).to(self.device, self.dtype))
+        img = torch.cat(pieces, dim=1)
+        refine = int(getattr(self.first_frame, "refine_steps", 0))
+        if refine:
+            img = self._refine_prefix(img, refine, start=self.frame)
+        else:
+            self._pending_commit = (img, self.frame)
+        self.frame += img.shape[1]
+        if self.frame >= k:
+            self._prefix = None
+        if self.done and self.cfg.commit_last:
+            self._flush_commit()
+        return img
+
+    def _refine_prefix(self, prefix: Tensor, refine: int, start: int = 0) -> Tensor:
         """Re-draw a first-frame model's prefix with the student, block by block: each block of the prefix is
         noised to the student's ``refine``-th last timestep and denoised through the student's last ``refine``
         steps, on the cache of the blocks before it. The coarse layout (where objects are, how they move) comes
@@ -284,8 +307,8 @@ class CausalStream:
             eps = self.noise.fresh(tuple(piece.shape)).to(piece.device, piece.dtype)
             x = add_noise(piece, eps, self.cfg.schedule.sigma(_timesteps(steps[0], piece)))
             x0 = denoise_block(self.model, x, steps, self.cfg.schedule, context=self.context, cache=self.cache,
-                               start_frame=i, noise=self.noise, trace=self.trace, block=-1)
-            self._pending_commit = (x0, i)
+                               start_frame=start + i, noise=self.noise, trace=self.trace, block=-1)
+            self._pending_commit = (x0, start + i)
             out.append(x0)
         return torch.cat(out, dim=1)
 

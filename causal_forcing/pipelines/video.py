@@ -319,11 +319,13 @@ class VideoPipeline:
         return latent_frames_for(n)
 
     def num_blocks(self, num_frames: int | None = None, *, image: bool = False) -> int:
-        """Blocks a stream yields (the I2V image, or else the first-frame model's frames, is one block of its own)."""
+        """Blocks a stream yields: the I2V image is one block of its own; a first-frame model's prefix comes in
+        blocks of the student's block size, as its frames are made; then the student's blocks."""
         total = self.latent_frames(num_frames)
-        own_first = 1 if image else 0 if self.first_frame is None else min(self.first_frame.frames, total)
-        generated = total - own_first
-        return int(own_first > 0) + -(-generated // self.block_size)
+        if image:
+            return 1 + -(-(total - 1) // self.block_size)
+        prefix = 0 if self.first_frame is None else min(self.first_frame.frames, total)
+        return -(-prefix // self.block_size) + -(-(total - prefix) // self.block_size)
 
     def _dits(self) -> list[WanDiT]:
         return [self.model] + ([] if self.first_frame is None else self.first_frame.models())

@@ -230,7 +230,10 @@ class ShapesRecipe:
                                   [lat, f"train.init={self.final('ar_framewise')}"]), ["ar-framewise"]))
         # The prefix model of the shipped frame-wise pipeline: the first-frame model fine-tuned on the first latent
         # frames, each caption's clauses encoded alone; it makes frames 1..PREFIX_FRAMES-1 after frame 0.
-        S.append(Step("encode-clauses", self.p("latents_clauses", ".complete"), self._encode_clauses, ["encode"]))
+        # (encode-clauses waits for first-frame, which needs it no sooner, so the teachers before stay gates that get
+        # every core)
+        S.append(Step("encode-clauses", self.p("latents_clauses", ".complete"), self._encode_clauses, ["encode"],
+                      after=["first-frame"]))
         S.append(Step("prefix", self.final("prefix"),
                       self._train("ar-diffusion", "prefix.yaml", "prefix",
                                   [f"data.path={self.p('latents_clauses')}",
