@@ -242,6 +242,7 @@ def test_prefix_model_in_a_pipeline_folder(tmp_path, tiny_parts):
     folder = save_pipeline_folder(tmp_path / "p", spec, dit, vae=autoencoder, first_frame=first, prefix=prefix)
     assert read_pipeline_spec(folder) == spec
     pipe = load_pipeline(folder)
+    assert pipe.description.endswith("+ prefix model (frame 1)")
     for key, value in prefix.state_dict().items():
         assert torch.equal(pipe.first_frame.prefix_model.state_dict()[key], value), key
     two = "a small red circle moving right and a big blue square standing still"
