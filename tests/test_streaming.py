@@ -230,9 +230,11 @@ def test_prefix_model_continues_the_first_frame_model(tiny_model):
             dataclasses.replace(spec, **bad)
 
 
-def test_prefix_frames_are_handed_on_as_they_are_made(tiny_model):
+@pytest.mark.parametrize("block", [1, 3])
+def test_prefix_frames_are_handed_on_as_they_are_made(tiny_model, block):
     """A stream yields frame 0 of a prefix before the prefix model has run at all (time to first frame is one
-    frame's solve, not the prefix's), then one prefix frame per block; the clip is the same as the whole prefix made
+    frame's solve, not the prefix's), then one prefix frame at a time, also when the student's blocks are longer
+    (the prefix is committed in the student's blocks all the same); the clip is the same as the whole prefix made
     at once. A prompt switch during the prefix ends it: the student makes the next frame under the new prompt."""
     from causal_forcing.models.wan import WanDiT
     from causal_forcing.pipelines.first_frame import FirstFrameSampler, FirstFrameSpec
@@ -246,28 +248,31 @@ def test_prefix_frames_are_handed_on_as_they_are_made(tiny_model):
     hook = prefix.register_forward_hook(lambda *_: prefix_calls.append(1))
     try:
         ctx = _ctx(tiny_model, batch=2)
-        stream = CausalStream(tiny_model, ctx, latent_hw=HW, num_frames=5, seed=5, first_frame=sampler)
+        config = StreamConfig(block_size=block)
+        stream = CausalStream(tiny_model, ctx, latent_hw=HW, num_frames=5, seed=5, first_frame=sampler, config=config)
         block0 = stream.next_block()
         assert block0.shape[1] == 1 and not prefix_calls
-        rest = [stream.next_block() for _ in range(4)]
-        assert [b.shape[1] for b in rest] == [1, 1, 1, 1] and stream.done and prefix_calls
+        rest = list(stream)
+        assert [b.shape[1] for b in rest] == ([1, 1, 1, 1] if block == 1 else [1, 1, 2]) and prefix_calls
         class AllAtOnce:                       # no iter_frames: the stream takes the whole prefix as one block
             frames = 3
 
             def __call__(self, c, noise):
                 return sampler(c, noise)
-        whole = CausalStream(tiny_model, ctx, latent_hw=HW, num_frames=5, seed=5, first_frame=AllAtOnce())
+        whole = CausalStream(tiny_model, ctx, latent_hw=HW, num_frames=5, seed=5, first_frame=AllAtOnce(),
+                             config=config)
         blocks = list(whole)
         assert blocks[0].shape[1] == 3
         torch.testing.assert_close(torch.cat([block0, *rest], 1), torch.cat(blocks, 1), atol=1e-6, rtol=0)
 
         calls = []
         switched = CausalStream(tiny_model, ctx, latent_hw=HW, num_frames=5, seed=5, first_frame=sampler,
-                                trace=calls.append)
+                                trace=calls.append, config=config)
         switched.next_block()
         switched.set_context(_ctx(tiny_model, seed=11, batch=2))
         switched.next_block()
-        assert ("denoise", 1) in [(c["kind"], c["start_frame"]) for c in calls]   # the student made frame 1
+        kinds = [(c["kind"], c["start_frame"]) for c in calls]
+        assert kinds[:2] == [("commit", 0), ("denoise", 1)]     # frame 0 committed, then the student from frame 1
     finally:
         hook.remove()
 

@@ -210,6 +210,7 @@ class CausalStream:
         self._pending_commit: tuple[Tensor, int] | None = None
         # A first-frame model's prefix being made: (its frames, one at a time, and how many in all).
         self._prefix: tuple[Iterator[Tensor], int] | None = None
+        self._held: list[Tensor] = []   # prefix frames handed on but not yet a whole block, so not yet committed
 
     # ---- prompt --------------------------------------------------------------------------------------
     def set_context(self, context: Tensor) -> None:
@@ -217,6 +218,10 @@ class CausalStream:
         if context.shape[0] != self.batch_size:
             raise ValueError(f"new context has batch {context.shape[0]}, the stream has {self.batch_size}")
         self._flush_commit()  # the last block goes into the cache under the prompt it was made with
+        if self._held:        # so do prefix frames short of a whole block
+            self._pending_commit = (torch.cat(self._held, dim=1), self.frame - sum(p.shape[1] for p in self._held))
+            self._held = []
+            self._flush_commit()
         self._prefix = None   # a prefix still being made was for the old prompt: the student takes over here
         self.context = context.to(self.device)
         self.cache.text.reset()
@@ -268,21 +273,26 @@ class CausalStream:
         return x0
 
     def _next_prefix_block(self) -> Tensor:
-        """The next block of a first-frame model's prefix: its frames as they are made, one student block at a
-        time (so frame 0 reaches the consumer before the rest of the prefix is computed), committed like the
-        student's own blocks (block index -1 in traces)."""
+        """The next piece of a first-frame model's prefix, handed on as soon as it is made: one frame at a time
+        where the sampler gives them so (frame 0 reaches the consumer before the rest of the prefix is computed).
+        The prefix goes into the cache in the student's blocks (block index -1 in traces): a block is committed once
+        all its frames are made. With ``refine_steps`` the student re-draws the prefix a whole block at a time."""
         frames, k = self._prefix  # type: ignore[misc]
-        want = min(self.cfg.block_size, k - self.frame)
-        pieces: list[Tensor] = []
-        while sum(p.shape[1] for p in pieces) < want:
-            pieces.append(next(frames).to(self.device, self.dtype))
-        img = torch.cat(pieces, dim=1)
+        n = self.cfg.block_size
         refine = int(getattr(self.first_frame, "refine_steps", 0))
         if refine:
-            img = self._refine_prefix(img, refine, start=self.frame)
+            pieces: list[Tensor] = []
+            while sum(p.shape[1] for p in pieces) < min(n, k - self.frame):
+                pieces.append(next(frames).to(self.device, self.dtype))
+            img = self._refine_prefix(torch.cat(pieces, dim=1), refine, start=self.frame)
         else:
-            self._pending_commit = (img, self.frame)
+            img = next(frames).to(self.device, self.dtype)
+            self._held.append(img)
         self.frame += img.shape[1]
+        held = sum(p.shape[1] for p in self._held)
+        if self._held and (held >= n or self.frame >= k):
+            self._pending_commit = (torch.cat(self._held, dim=1), self.frame - held)
+            self._held = []
         if self.frame >= k:
             self._prefix = None
         if self.done and self.cfg.commit_last:

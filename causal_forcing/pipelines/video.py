@@ -319,13 +319,15 @@ class VideoPipeline:
         return latent_frames_for(n)
 
     def num_blocks(self, num_frames: int | None = None, *, image: bool = False) -> int:
-        """Blocks a stream yields: the I2V image is one block of its own; a first-frame model's prefix comes in
-        blocks of the student's block size, as its frames are made; then the student's blocks."""
+        """Blocks a stream yields: the I2V image is one block of its own; a first-frame model's prefix comes frame
+        by frame as it is made (in student blocks when the student refines it); then the student's blocks."""
         total = self.latent_frames(num_frames)
         if image:
             return 1 + -(-(total - 1) // self.block_size)
         prefix = 0 if self.first_frame is None else min(self.first_frame.frames, total)
-        return -(-prefix // self.block_size) + -(-(total - prefix) // self.block_size)
+        refine = 0 if self.first_frame is None else getattr(self.first_frame, "refine_steps", 0)
+        prefix_blocks = -(-prefix // self.block_size) if refine else prefix
+        return prefix_blocks + -(-(total - prefix) // self.block_size)
 
     def _dits(self) -> list[WanDiT]:
         return [self.model] + ([] if self.first_frame is None else self.first_frame.models())

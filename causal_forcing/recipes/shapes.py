@@ -4,7 +4,7 @@
     → ODE data (causal; bidirectional for the baseline) → few-step inits (causal ODE, causal CD, Self Forcing ODE)
     → DMD from each → ShapesBench evaluation of everything
     (+ the first-frame model of the shipped pipelines: the frame-wise AR teacher fine-tuned on frame 0, and the
-    prefix model of the frame-wise one: the first-frame model fine-tuned on the first frames, with clause-wise text)
+    prefix model of both: the first-frame model fine-tuned on the first frames, with clause-wise text)
 
 Each step has one output; a step whose output exists is skipped, a training step with checkpoints resumes, so
 the recipe can be interrupted at any moment and run again (``causal-forcing recipe shapes --out DIR``).
@@ -42,8 +42,8 @@ SHIP_CANDIDATES = {"shapes_framewise": (1, ("causal_ode_framewise", "causal_cd_f
                    "shapes_chunkwise": (3, ("causal_ode_chunkwise", "causal_cd_chunkwise"))}
 #: Every causal init that may be shipped: these are evaluated over all the sampling seeds, like the DMD students.
 SHIP_INITS = tuple(init for _, inits in SHIP_CANDIDATES.values() for init in inits)
-#: Latent frames the shipped frame-wise pipeline makes before its student takes over when there is a prefix model:
-#: frame 0 by the first-frame model, frames 1..PREFIX_FRAMES-1 by the prefix model (the best of 2-5, "Run 10").
+#: Latent frames the shipped pipelines make before their students take over when there is a prefix model: frame 0
+#: by the first-frame model, frames 1..PREFIX_FRAMES-1 by the prefix model (frame-wise, the best of 2-5, "Run 10").
 PREFIX_FRAMES = 4
 #: The prefix model's own text encoder: each clause of a caption encoded alone (models/text.py).
 PREFIX_TEXT = "minilm-clauses"
@@ -314,8 +314,8 @@ class ShapesRecipe:
         block size among the causal inits of ``SHIP_CANDIDATES`` and their DMD students (``report.choose_shipped``:
         in-distribution Total, with held-out Total deciding between models within seed noise of the best), with the
         first-frame model (step ``first-frame``) in ``pipelines/shapes_first_frame``, which both pipelines name, and
-        the prefix model (step ``prefix-tune``) in ``pipelines/shapes_prefix``, which the frame-wise pipeline names for
-        latent frames 1..PREFIX_FRAMES-1. Copy the five folders into ``causal_forcing/assets/`` to bundle them;
+        the prefix model (step ``prefix-tune``) in ``pipelines/shapes_prefix``, which both name for latent frames
+        1..PREFIX_FRAMES-1. Copy the five folders into ``causal_forcing/assets/`` to bundle them;
         ``shipped.json`` records what was chosen and its scores (measured without the first-frame model)."""
         from ..checkpoints import load_dit_weights
         from ..checkpoints import save_model_folder
@@ -364,8 +364,7 @@ class ShapesRecipe:
             state, config = load_dit_weights(self.final(model))
             spec = PipelineSpec(block_size=block, steps=tuple(FEW_STEP), latent_hw=(8, 8),
                                 text_encoder=TextEncoderSpec(kind="minilm", text_len=TEXT_LEN),
-                                vae=VAESpec(kind="small", path="../shapes_vae"),
-                                first_frame=with_prefix if block == 1 else first_frame)
+                                vae=VAESpec(kind="small", path="../shapes_vae"), first_frame=with_prefix)
             save_pipeline_folder(pipes / folder, spec, state, config=config)
         record = {name: {"model": model, "block_size": block,
                          "in_distribution_total": evaluated[model].stat("in_distribution", "total")[0],
