@@ -117,8 +117,8 @@ def test_chunkwise_pipeline_shape(chunkwise_pipe):
 
 
 def test_chunkwise_model_follows_captions(chunkwise_pipe):
-    """The bundled chunk-wise model against the same networks re-initialised, on the 12 captions above (0.82
-    against 0.21 at shipping)."""
+    """The bundled chunk-wise model against the same networks re-initialised, on the 12 captions above (0.81
+    against 0.25 at shipping)."""
     trained = _semantic(chunkwise_pipe, CAPTIONS)
     baseline = _semantic(_untrained("shapes-chunkwise"), CAPTIONS)
     assert trained >= 0.6 and trained >= baseline + 0.3, (trained, baseline)
