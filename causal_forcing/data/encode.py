@@ -116,12 +116,11 @@ def reencode_text(src: str | Path, out: str | Path, text_encoder: Any, *, text_e
             "latent_channels": data.meta.get("latent_channels"), "max_frames": max_frames or None}
     out = Path(out)
     _check_meta(out, meta)
-    skipped = 0
     with LatentWriter(out, kind="latents", shard_size=shard_size, meta=meta) as writer:
-        todo = [i for i in range(len(data)) if str(data.records[i].get("id")) not in writer.done_ids]
-        skipped = len(data) - len(todo)
-        for start in range(0, len(todo), batch_size):
-            items = [data[i] for i in todo[start:start + batch_size]]
+        missing = [i for i in range(len(data)) if str(data.records[i].get("id")) not in writer.done_ids]
+        skipped = len(data) - len(missing)
+        for start in range(0, len(missing), batch_size):
+            items = [data[i] for i in missing[start:start + batch_size]]
             with torch.inference_mode():
                 contexts = text_encoder.encode([it["record"]["caption"] for it in items]).float().cpu()
             for it, context in zip(items, contexts):

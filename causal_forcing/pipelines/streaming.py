@@ -219,8 +219,7 @@ class CausalStream:
             raise ValueError(f"new context has batch {context.shape[0]}, the stream has {self.batch_size}")
         self._flush_commit()  # the last block goes into the cache under the prompt it was made with
         if self._held:        # so do prefix frames short of a whole block
-            self._pending_commit = (torch.cat(self._held, dim=1), self.frame - sum(p.shape[1] for p in self._held))
-            self._held = []
+            self._commit_held()
             self._flush_commit()
         self._prefix = None   # a prefix still being made was for the old prompt: the student takes over here
         self.context = context.to(self.device)
@@ -289,15 +288,19 @@ class CausalStream:
             img = next(frames).to(self.device, self.dtype)
             self._held.append(img)
         self.frame += img.shape[1]
-        held = sum(p.shape[1] for p in self._held)
-        if self._held and (held >= n or self.frame >= k):
-            self._pending_commit = (torch.cat(self._held, dim=1), self.frame - held)
-            self._held = []
+        if self._held and (sum(p.shape[1] for p in self._held) >= n or self.frame >= k):
+            self._commit_held()
         if self.frame >= k:
             self._prefix = None
         if self.done and self.cfg.commit_last:
             self._flush_commit()
         return img
+
+    def _commit_held(self) -> None:
+        """Queue the held prefix frames (the newest frames made) as the next commit."""
+        held = torch.cat(self._held, dim=1)
+        self._pending_commit = (held, self.frame - held.shape[1])
+        self._held = []
 
     def _refine_prefix(self, prefix: Tensor, refine: int, start: int = 0) -> Tensor:
         """Re-draw a first-frame model's prefix with the student, block by block: each block of the prefix is

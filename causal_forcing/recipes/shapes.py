@@ -228,7 +228,7 @@ class ShapesRecipe:
         S.append(Step("first-frame", self.final("first_frame"),
                       self._train("ar-diffusion", "first_frame.yaml", "first_frame",
                                   [lat, f"train.init={self.final('ar_framewise')}"]), ["ar-framewise"]))
-        # The prefix model of the shipped frame-wise pipeline: the first-frame model fine-tuned on the first latent
+        # The prefix model of the shipped pipelines: the first-frame model fine-tuned on the first latent
         # frames, each caption's clauses encoded alone; it makes frames 1..PREFIX_FRAMES-1 after frame 0.
         # (encode-clauses waits for first-frame, which needs it no sooner, so the teachers before stay gates that get
         # every core)
