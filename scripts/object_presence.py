@@ -5,12 +5,16 @@
         (10 % held-out), minus those whose caption is in it, the first `--n` kept: prompts no choice was made on.
 
     python scripts/object_presence.py presence --weights DIR --manifest EVAL.jsonl [--kind causal] [--block-size 1]
-                                              [--seed 0] [--vae shapes] [--first-frame DIR]
+                                              [--seed 0] [--vae shapes] [--first-frame DIR] [--two-object]
+                                              [--detail] [--no-first-frame]
         generates every prompt as `causal-forcing eval model` does (`generate_clips`: the same clips) and, for each
         expected object the judge does not find in >= 90 % of the frames, says how it fails: never drawn (and
         whether it is the second object of a prompt), drawn at first and gone by the end (and whether it was at
         the canvas edge when last seen), drawn only later, or flickering. `--first-frame DIR`: frame 0 from that
-        first-frame model, as in a pipeline that names it.
+        first-frame model, as in a pipeline that names it (default: the first-frame and prefix models that
+        --weights' pipeline.json names, if any; `--no-first-frame`: none). `--two-object`: only the
+        in-distribution two-object prompts; `--detail`: each missing object's presence over the clip, one mark per
+        3 frames.
 
     python scripts/object_presence.py frame0 --weights FIRST_FRAME_DIR --manifest EVAL.jsonl [--vae shapes]
         a first-frame model's frame 0 (20 steps, CFG 4) for each in-distribution prompt, repeated as a still
@@ -66,10 +70,18 @@ def presence(args: argparse.Namespace) -> None:
     model = M.load_model_folder(args.weights)
     text = build_text_encoder("minilm", text_len=model.config.text_len, device="cpu")
     vae = load_vae(args.vae)
+    if args.two_object:
+        entries = [e for e in entries if not e.get("held_out") and len(shapes.parse_caption(e["caption"])) == 2]
     first_frame = None
     if args.first_frame:
         from causal_forcing.pipelines.first_frame import FirstFrameSampler
         first_frame = FirstFrameSampler(M.load_model_folder(args.first_frame))
+    elif not args.no_first_frame and (Path(args.weights) / "pipeline.json").is_file():
+        # the pipeline's own first-frame model, and its prefix model if it names one
+        from causal_forcing.pipelines.loading import _load_first_frame, read_pipeline_spec
+        spec = read_pipeline_spec(args.weights)
+        if spec.first_frame is not None:
+            first_frame = _load_first_frame(spec.first_frame, Path(args.weights), torch.float32, spec.text_encoder)
     settings = M.EvalSettings(kind=args.kind, block_size=args.block_size, seed=args.seed, first_frame=first_frame)
     counts: dict[str, int] = {}
     total = 0
@@ -89,6 +101,10 @@ def presence(args: argparse.Namespace) -> None:
                 if kind == "never":
                     kind += " (second of two)" if k == 1 else " (first of two)" if len(objects) == 2 else " (alone)"
                 counts[kind] = counts.get(kind, 0) + 1
+                if args.detail:   # one character per 3 frames: '#' present in all, '+' in some, '.' in none
+                    marks = "".join("#" if c.all() else "+" if c.any() else "." for c in np.array_split(
+                        present, -(-len(present) // 3)))
+                    print(f"  {marks}  {kind:22s} {attrs.phrase}")
     missing = sum(counts.values())
     print(f"{missing} of {total} expected objects are present in < {SB.PRESENT_FRACTION:.0%} of the frames:")
     for kind, n in sorted(counts.items(), key=lambda kv: -kv[1]):
@@ -138,7 +154,11 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae", default="shapes")
     p.add_argument("--first-frame", default=None, metavar="DIR",
-                   help="a first-frame model folder (20 steps, CFG 4) that makes frame 0, as in a pipeline")
+                   help="a first-frame model folder (20 steps, CFG 4) that makes frame 0, as in a pipeline "
+                        "(default: the one --weights' pipeline.json names, with its prefix model, if any)")
+    p.add_argument("--no-first-frame", action="store_true", help="the student makes frame 0 itself")
+    p.add_argument("--two-object", action="store_true", help="only the in-distribution two-object prompts")
+    p.add_argument("--detail", action="store_true", help="print each missing object's presence over time")
     p.set_defaults(func=presence)
     p = sub.add_parser("frame0", help="are the expected objects in a first-frame model's frame 0?")
     p.add_argument("--weights", required=True, help="a first-frame model folder")
