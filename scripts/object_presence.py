@@ -17,8 +17,11 @@
         3 frames.
 
     python scripts/object_presence.py frame0 --weights FIRST_FRAME_DIR --manifest EVAL.jsonl [--vae shapes]
-        a first-frame model's frame 0 (20 steps, CFG 4) for each in-distribution prompt, repeated as a still
-        17-frame clip and judged: how many expected objects it draws with the right colour, by prompt size.
+                                            [--text minilm|minilm-clauses] [--steps 20] [--guidance 4]
+        a first-frame model's frame 0 (UniPC, --steps steps, CFG --guidance) for each in-distribution prompt,
+        repeated as a still 17-frame clip and judged: how many expected objects it draws with the right colour,
+        and with the right colour, shape and size, by prompt size. `--text`: the text encoder the model reads
+        (default minilm).
 """
 from __future__ import annotations
 
@@ -115,13 +118,13 @@ def presence(args: argparse.Namespace) -> None:
 def frame0(args: argparse.Namespace) -> None:
     from causal_forcing.models.small_vae import load_vae
     from causal_forcing.models.text import build_text_encoder
-    from causal_forcing.pipelines.first_frame import FirstFrameSampler
+    from causal_forcing.pipelines.first_frame import FirstFrameSampler, FirstFrameSpec
     model = M.load_model_folder(args.weights)
-    sampler = FirstFrameSampler(model)
+    sampler = FirstFrameSampler(model, FirstFrameSpec(steps=args.steps, guidance=args.guidance))
     vae = load_vae(args.vae)
-    text = build_text_encoder("minilm", text_len=model.config.text_len, device="cpu")
+    text = build_text_encoder(args.text, text_len=model.config.text_len, device="cpu")
     entries = [e for e in read_manifest(args.manifest) if not e.get("held_out")]
-    found: dict[int, list[int]] = {}
+    found: dict[int, list[int]] = {}  # prompt size -> objects, right colour, right colour+shape+size
     for start in range(0, len(entries), 25):
         batch = entries[start:start + 25]
         ctx = text.encode([e["caption"] for e in batch]).float()
@@ -130,11 +133,13 @@ def frame0(args: argparse.Namespace) -> None:
             still = M._pixels_to_uint8(vae.decode(sampler(ctx, noise).repeat(1, 5, 1, 1, 1)))   # 17 equal frames
         for entry, clip in zip(batch, still):
             objects = SB.score_clip(clip, entry["caption"])["objects"]
-            n = found.setdefault(len(objects), [0, 0])
+            n = found.setdefault(len(objects), [0, 0, 0])
             n[0] += len(objects)
             n[1] += sum(o["measured"] is not None and o["color"] == 1.0 for o in objects)
-    for k, (total, ok) in sorted(found.items()):
-        print(f"{k}-object prompts: {ok} of {total} objects found in frame 0 with the right colour")
+            n[2] += sum(o["measured"] is not None and o["color"] == o["shape"] == o["size"] == 1.0 for o in objects)
+    for k, (total, ok, exact) in sorted(found.items()):
+        print(f"{k}-object prompts: {ok} of {total} objects found in frame 0 with the right colour, {exact} with the "
+              f"right colour, shape and size")
 
 
 def main() -> None:
@@ -164,6 +169,10 @@ def main() -> None:
     p.add_argument("--weights", required=True, help="a first-frame model folder")
     p.add_argument("--manifest", required=True)
     p.add_argument("--vae", default="shapes")
+    p.add_argument("--text", default="minilm", choices=["minilm", "minilm-clauses"],
+                   help="the text encoder the first-frame model reads")
+    p.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
+    p.add_argument("--guidance", type=float, default=4.0, help="CFG scale (default 4)")
     p.set_defaults(func=frame0)
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))

@@ -361,11 +361,21 @@ def test_cli_eval_model_scores_a_checkpoint(tmp_path, capsys, monkeypatch):
                  "--first-frame-refine", "1"]) == 0
     a, b = (sb.load_clip(o / "eval_000.mp4").astype(int) for o in (out4, out3))
     assert a.shape == b.shape and np.abs(a - b).mean() < 0.5     # the same clip, up to float rounding in the DiTs
+    # The two models' CFG scales override pipeline.json's: the clip changes.
+    out5 = tmp_path / "causal_ff5"
+    assert main(["eval", "model", "--weights", "pipe", "--kind", "causal", "--manifest", str(manifest), "--steps", "2",
+                 "--vae", str(tmp_path / "vae"), "--limit", "2", "--out", str(out5),
+                 "--first-frame-prefix", "pm", "--first-frame-prefix-text", "minilm-clauses",
+                 "--first-frame-refine", "1", "--first-frame-guidance", "2", "--first-frame-prefix-guidance", "1"]) == 0
+    assert (out5 / "eval_000.mp4").read_bytes() != (out4 / "eval_000.mp4").read_bytes()
     capsys.readouterr()
     bads = [["--weights", str(tmp_path / "missing")], ["--limit", "0"], ["--block-size", "0"], ["--device", "gpu0"],
             ["--first-frame", str(tmp_path / "missing")], ["--first-frame", str(tmp_path / "ff"), "--no-first-frame"],
             ["--first-frame", str(tmp_path / "ff"), "--first-frame-frames", "0"],
             ["--first-frame", str(tmp_path / "ff"), "--first-frame-prefix", str(tmp_path / "pm")],   # needs 2+ frames
+            ["--first-frame", str(tmp_path / "ff"), "--first-frame-frames", "2", "--first-frame-prefix",
+             str(tmp_path / "pm"), "--first-frame-prefix-guidance", "0.5"],
+            ["--first-frame", str(tmp_path / "ff"), "--first-frame-guidance", "0"],
             ["--first-frame-refine", "1", "--no-first-frame"]]
     if not torch.cuda.is_available():
         bads.append(["--device", "cuda"])

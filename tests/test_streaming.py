@@ -215,6 +215,13 @@ def test_prefix_model_continues_the_first_frame_model(tiny_model):
         got = sampler(ctx, noise) if reads is ctx else sampler.sample(ctx, own, noise)
         assert torch.allclose(got[:, :1], frame0, atol=1e-6) and torch.allclose(got, rest, atol=1e-6)
     assert (sampler(ctx, noise) - sampler.sample(ctx, own, noise))[:, 1:].abs().max() > 1e-4
+    # prefix_guidance: the prefix model's own CFG scale; frame 0 keeps the first-frame model's.
+    own_cfg = FirstFrameSampler(first, dataclasses.replace(spec, prefix_guidance=4.0), prefix_model=prefix)
+    rest = sample_autoregressive(prefix, ctx, torch.zeros_like(ctx), num_frames=3, noise=noise[:, 1:],
+                                 initial_latent=frame0, **{**kw, "guidance": 4.0})
+    got = own_cfg(ctx, noise)
+    assert torch.allclose(got[:, :1], frame0, atol=1e-6) and torch.allclose(got, rest, atol=1e-6)
+    assert (got - sampler(ctx, noise))[:, 1:].abs().max() > 1e-4
 
     class Own:                                   # a stand-in text encoder: fixed embeddings per prompt
         def encode(self, prompts):
@@ -224,8 +231,10 @@ def test_prefix_model_continues_the_first_frame_model(tiny_model):
     assert bound.frames == 3 and torch.equal(bound(ctx, noise), sampler.sample(ctx, own, noise))
     with pytest.raises(ConfigError, match="prefix model"):
         FirstFrameSampler(first, spec)
-    for bad, message in ((dict(frames=1), "frames >= 2"), (dict(prefix_path=None, prefix_text_encoder="minilm"),
-                                                              "needs first_frame.prefix_path")):
+    for bad, message in ((dict(frames=1), "frames >= 2"),
+                         (dict(prefix_path=None, prefix_text_encoder="minilm"), "needs first_frame.prefix_path"),
+                         (dict(prefix_path=None, prefix_guidance=2.0), "needs first_frame.prefix_path"),
+                         (dict(prefix_guidance=0.5), "prefix_guidance must be >= 1")):
         with pytest.raises(ConfigError, match=message):
             dataclasses.replace(spec, **bad)
 

@@ -73,6 +73,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "frame 0 (N from --first-frame-frames)")
     m.add_argument("--first-frame-prefix-text", choices=("minilm", "minilm-clauses"), default=None, metavar="KIND",
                    help="causal kind: the prefix model's own text encoder (default: the student's embeddings)")
+    m.add_argument("--first-frame-guidance", type=float, default=None, metavar="G",
+                   help="causal kind: the first-frame model's CFG scale (default: pipeline.json's, else --guidance)")
+    m.add_argument("--first-frame-prefix-guidance", type=float, default=None, metavar="G",
+                   help="causal kind: the prefix model's CFG scale (default: pipeline.json's, else the first-frame "
+                        "model's)")
     m.add_argument("--no-first-frame", action="store_true",
                    help="causal kind: the student makes frame 0 too, even if --weights names a first-frame model")
     m.set_defaults(func=run_model)
@@ -131,7 +136,8 @@ def _first_frame(args: argparse.Namespace, device: Any) -> Any:
     prefix_path = None if args.first_frame_prefix is None else str(Path(args.first_frame_prefix).resolve())
     overrides = {"frames": args.first_frame_frames, "text_encoder": args.first_frame_text,
                  "refine_steps": args.first_frame_refine, "prefix_path": prefix_path,  # not relative to --weights
-                 "prefix_text_encoder": args.first_frame_prefix_text}
+                 "prefix_text_encoder": args.first_frame_prefix_text, "guidance": args.first_frame_guidance,
+                 "prefix_guidance": args.first_frame_prefix_guidance}
     if args.no_first_frame:
         if args.first_frame is not None or any(v is not None for v in overrides.values()):
             raise InputError("--first-frame and its --first-frame-* options exclude --no-first-frame")

@@ -233,6 +233,7 @@ def describe_folder(folder: Path) -> dict[str, Any]:
                                                + (f", text {ff.text_encoder}" if ff.text_encoder else "")
                                                + (f", frames 1+ by {ff.prefix_path}" if ff.prefix_path else "")
                                                + (f" (text {ff.prefix_text_encoder})" if ff.prefix_text_encoder else "")
+                                               + (f" (guidance {ff.prefix_guidance:g})" if ff.prefix_guidance else "")
                                                + (f", refined {ff.refine_steps} steps" if ff.refine_steps else "")
                                                + ")")
     elif diffusers:

@@ -20,7 +20,8 @@ In ``pipeline.json``::
     "first_frame": {"path": "first_frame", "steps": 20, "guidance": 4.0, "shift": 5.0, "solver": "unipc",
                     "frames": 1, "text_encoder": null}
 
-``path`` is a model folder (``config.json`` + ``model.safetensors``) relative to the pipeline folder. The
+``path`` is a model folder (``config.json`` + ``model.safetensors``) relative to the pipeline folder; a prefix
+model (``prefix_path``) samples with the same settings, except its CFG scale where ``prefix_guidance`` is given. The
 negative prompt of the guidance is the all-zero context, the unconditional input the model was trained with
 (``data.text_encoder: dataset`` drops captions to zeros). ``text_encoder`` null means the model reads the
 pipeline's own text embeddings; a MiniLM kind (``minilm`` or ``minilm-clauses``, models/text.py) gives it its
@@ -60,6 +61,7 @@ class FirstFrameSpec:
     prefix_path: str | None = None    # a second model that makes frames 1..frames-1 after the first-frame model's
     prefix_text_encoder: str | None = None   # the prefix model's own text encoder kind; None: the pipeline's
     refine_steps: int = 0    # the student re-draws the prefix through its last N steps (0: the prefix as made)
+    prefix_guidance: float | None = None   # the prefix model's CFG scale; None: ``guidance``
 
     def __post_init__(self) -> None:
         if not self.path:
@@ -70,6 +72,12 @@ class FirstFrameSpec:
             raise ConfigError(f"first_frame.steps must be positive, got {self.steps}")
         if not self.guidance >= 1.0:
             raise ConfigError(f"first_frame.guidance must be >= 1 (1 = no guidance), got {self.guidance}")
+        if self.prefix_guidance is not None:
+            if self.prefix_path is None:
+                raise ConfigError("first_frame.prefix_guidance needs first_frame.prefix_path")
+            if not self.prefix_guidance >= 1.0:
+                raise ConfigError(f"first_frame.prefix_guidance must be >= 1 (1 = no guidance), "
+                                  f"got {self.prefix_guidance}")
         if not self.shift > 0.0:
             raise ConfigError(f"first_frame.shift must be positive, got {self.shift}")
         if self.solver not in SOLVERS:
@@ -156,20 +164,22 @@ class FirstFrameSampler:
             yield frame
         if self.prefix_model is None or n == 1:
             return
-        later = self._solve(self.prefix_model, prefix_context, noise[:, 1:], initial=first)
+        guidance = self.spec.guidance if self.spec.prefix_guidance is None else self.spec.prefix_guidance
+        later = self._solve(self.prefix_model, prefix_context, noise[:, 1:], initial=first, guidance=guidance)
         next(later)                        # the initial frame comes back first: frame 0, already given
         yield from later
 
-    def _solve(self, model: WanDiT, context: Tensor, noise: Tensor, initial: Tensor | None = None
-               ) -> Iterator[Tensor]:
+    def _solve(self, model: WanDiT, context: Tensor, noise: Tensor, initial: Tensor | None = None,
+               guidance: float | None = None) -> Iterator[Tensor]:
         s = self.spec
+        guidance = s.guidance if guidance is None else guidance
         device = next(model.parameters()).device
         context = context.to(device)
-        negative = torch.zeros_like(context) if s.guidance != 1.0 else None
+        negative = torch.zeros_like(context) if guidance != 1.0 else None
         n_in = 0 if initial is None else initial.shape[1]
         return autoregressive_blocks(model, context, negative, num_frames=n_in + noise.shape[1],
                                      latent_hw=tuple(noise.shape[-2:]), steps=s.steps, shift=s.shift,
-                                     guidance=s.guidance, solver=s.solver, noise=noise,  # type: ignore[arg-type]
+                                     guidance=guidance, solver=s.solver, noise=noise,  # type: ignore[arg-type]
                                      initial_latent=initial, batch_cfg=True)
 
 

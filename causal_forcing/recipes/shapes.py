@@ -47,6 +47,10 @@ SHIP_INITS = tuple(init for _, inits in SHIP_CANDIDATES.values() for init in ini
 PREFIX_FRAMES = 4
 #: The prefix model's own text encoder: each clause of a caption encoded alone (models/text.py).
 PREFIX_TEXT = "minilm-clauses"
+#: CFG scales when there is a prefix model: the first-frame model's, and the prefix model's (docs/results.md, "Run
+#: 11": lower than the first-frame model's 4 alone, they keep more objects whole; chosen over 3 seeds).
+PREFIX_PIPELINE_GUIDANCE = 3.0
+PREFIX_GUIDANCE = 1.5
 
 
 @dataclass
@@ -357,7 +361,8 @@ class ShapesRecipe:
             state, config = load_dit_weights(self.final("prefix_tune"))
             save_model_folder(state, config, pipes / "shapes_prefix")
             with_prefix = dataclasses.replace(first_frame, frames=PREFIX_FRAMES, prefix_path="../shapes_prefix",
-                                              prefix_text_encoder=PREFIX_TEXT)
+                                              prefix_text_encoder=PREFIX_TEXT, guidance=PREFIX_PIPELINE_GUIDANCE,
+                                              prefix_guidance=PREFIX_GUIDANCE)
         else:
             missing.append("shapes_prefix")
         for folder, (model, block) in chosen.items():
