@@ -22,6 +22,15 @@
         repeated as a still 17-frame clip and judged: how many expected objects it draws with the right colour,
         and with the right colour, shape and size, by prompt size. `--text`: the text encoder the model reads
         (default minilm).
+
+    python scripts/object_presence.py prefix --weights PIPELINE_DIR --manifest EVAL.jsonl [--seed 0]
+                                            [--first-frame-guidance G] [--prefix-guidance G]
+        the in-distribution two-object prompts: the pipeline's prefix (frames 0..K-1, K from its pipeline.json)
+        from its first-frame model's frame 0, and the prefix model's frames 1..K-1 from the real clip's frame 0
+        (read from the manifest's clip files, encoded by the pipeline's VAE), on the same noise; for each, how
+        many objects are present at the prefix's first and last pixel frame and move the caption's way over it
+        (centroid shift > 1.5 px along the caption's axis and twice the shift across it; still: < 1.5 px both
+        ways), and in how many prompts both objects do. The real clips' own first K frames are the reference.
 """
 from __future__ import annotations
 
@@ -142,6 +151,68 @@ def frame0(args: argparse.Namespace) -> None:
               f"right colour, shape and size")
 
 
+def _moves_as_told(track: SB.Track | None, motion: str) -> tuple[bool, bool]:
+    """(present at the first and last frame, moved the caption's way between them)."""
+    if track is None or not (track.present[0] and track.present[-1]):
+        return False, False
+    dy, dx = track.centroid[-1] - track.centroid[0]
+    if motion == "still":
+        return True, bool(abs(dy) < 1.5 and abs(dx) < 1.5)
+    along_y, along_x = {"right": (0, 1), "left": (0, -1), "up": (-1, 0), "down": (1, 0)}[motion]
+    along, across = dy * along_y + dx * along_x, dy * along_x + dx * along_y
+    return True, bool(along > 1.5 and along > 2 * abs(across))
+
+
+def prefix(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from causal_forcing.data.shapes_io import load_clip
+    from causal_forcing.pipelines.loading import load_pipeline
+    pipe = load_pipeline(args.weights)
+    sampler = pipe.first_frame
+    if sampler is None or sampler.prefix_model is None:
+        raise SystemExit(f"{args.weights}: the pipeline names no prefix model")
+    overrides = {"guidance": args.first_frame_guidance, "prefix_guidance": args.prefix_guidance}
+    sampler.spec = dataclasses.replace(sampler.spec, **{k: v for k, v in overrides.items() if v is not None})
+    n = sampler.frames
+    root = Path(args.manifest).parent
+    entries = [e for e in read_manifest(args.manifest)
+               if not e.get("held_out") and len(shapes.parse_caption(e["caption"])) == 2]
+    captions = [e["caption"] for e in entries]
+    pixels = 1 + 4 * (n - 1)
+    real = torch.stack([torch.from_numpy(load_clip(root / e["file"])[:pixels]) for e in entries])
+    channels, (h, w) = pipe.model.config.in_dim, pipe.latent_hw
+    noise = torch.randn(len(entries), n, channels, h, w, generator=torch.Generator().manual_seed(args.seed))
+    bound = sampler.for_prompts(captions)
+    with torch.no_grad():
+        real_latents = pipe.vae.encode(real.permute(0, 1, 4, 2, 3).float() / 127.5 - 1)
+        context = pipe.text_encoder.encode(captions).float()
+        generated = bound(context, noise)
+        own = context if sampler.prefix_text_encoder is None else bound.prefix_context
+        # the prefix model alone, continuing the real frame 0 (as the sampler continues its first-frame model's)
+        guidance = sampler.spec.guidance if sampler.spec.prefix_guidance is None else sampler.spec.prefix_guidance
+        from_real = torch.cat(list(sampler._solve(sampler.prefix_model, own, noise[:, 1:],
+                                                  initial=real_latents[:, :1], guidance=guidance)), dim=1)
+    for name, latents in (("the real clip's first frames", real_latents[:, :n]),
+                          ("first-frame model's frame 0 + prefix model", generated),
+                          ("real frame 0 + prefix model", from_real)):
+        with torch.no_grad():
+            clips = M._pixels_to_uint8(pipe.vae.decode(latents))
+        present = right = both = 0
+        for entry, clip in zip(entries, clips):
+            cls, _ = SB.classify(clip)
+            ok_all = True
+            for attrs in shapes.parse_caption(entry["caption"]):
+                seen, ok = _moves_as_told(SB.color_track(cls == SB.COLOR_NAMES.index(attrs.color) + 1, attrs.color,
+                                                         SB.noise_area(clip.shape[1])), attrs.motion)
+                present += seen
+                right += ok
+                ok_all &= ok
+            both += ok_all
+        print(f"{name:44s} both objects right {both}/{len(entries)} ({both / len(entries):.2f}); objects present "
+              f"{present}/{2 * len(entries)}, moving right {right}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -174,6 +245,13 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
     p.add_argument("--guidance", type=float, default=4.0, help="CFG scale (default 4)")
     p.set_defaults(func=frame0)
+    p = sub.add_parser("prefix", help="a pipeline's prefix from its own frame 0 and from the real frame 0")
+    p.add_argument("--weights", required=True, help="a pipeline folder whose pipeline.json names a prefix model")
+    p.add_argument("--manifest", required=True, help="a manifest whose clip files are beside it (data shapes)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--first-frame-guidance", type=float, default=None)
+    p.add_argument("--prefix-guidance", type=float, default=None)
+    p.set_defaults(func=prefix)
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     args.func(args)
