@@ -190,9 +190,9 @@ def prefix(args: argparse.Namespace) -> None:
         generated = bound(context, noise)
         own = context if sampler.prefix_text_encoder is None else bound.prefix_context
         # the prefix model alone, continuing the real frame 0 (as the sampler continues its first-frame model's)
-        guidance = sampler.spec.guidance if sampler.spec.prefix_guidance is None else sampler.spec.prefix_guidance
         from_real = torch.cat(list(sampler._solve(sampler.prefix_model, own, noise[:, 1:],
-                                                  initial=real_latents[:, :1], guidance=guidance)), dim=1)
+                                                  initial=real_latents[:, :1], guidance=sampler.spec.prefix_cfg)),
+                              dim=1)
     for name, latents in (("the real clip's first frames", real_latents[:, :n]),
                           ("first-frame model's frame 0 + prefix model", generated),
                           ("real frame 0 + prefix model", from_real)):

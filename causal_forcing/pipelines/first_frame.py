@@ -63,6 +63,11 @@ class FirstFrameSpec:
     refine_steps: int = 0    # the student re-draws the prefix through its last N steps (0: the prefix as made)
     prefix_guidance: float | None = None   # the prefix model's CFG scale; None: ``guidance``
 
+    @property
+    def prefix_cfg(self) -> float:
+        """The CFG scale the prefix model samples with: ``prefix_guidance``, else ``guidance``."""
+        return self.guidance if self.prefix_guidance is None else self.prefix_guidance
+
     def __post_init__(self) -> None:
         if not self.path:
             raise ConfigError("first_frame.path must name a model folder")
@@ -164,8 +169,8 @@ class FirstFrameSampler:
             yield frame
         if self.prefix_model is None or n == 1:
             return
-        guidance = self.spec.guidance if self.spec.prefix_guidance is None else self.spec.prefix_guidance
-        later = self._solve(self.prefix_model, prefix_context, noise[:, 1:], initial=first, guidance=guidance)
+        later = self._solve(self.prefix_model, prefix_context, noise[:, 1:], initial=first,
+                            guidance=self.spec.prefix_cfg)
         next(later)                        # the initial frame comes back first: frame 0, already given
         yield from later
 
