@@ -265,6 +265,43 @@ def test_prefix_model_in_a_pipeline_folder(tmp_path, tiny_parts):
     np.testing.assert_array_equal(np.concatenate(blocks), expected)
 
 
+def test_best_of_n_first_frame_in_a_pipeline_folder(tmp_path, tiny_parts):
+    """``first_frame.candidates`` + ``matcher_path``: the matcher is written and read back, and the video equals
+    the engine run by hand with the sampler given that matcher; ``eval model``'s overrides reach the spec."""
+    import dataclasses
+
+    from causal_forcing.models.matcher import FrameTextMatcher, MatcherConfig
+    from causal_forcing.pipelines.first_frame import FirstFrameSampler, FirstFrameSpec
+
+    dit, autoencoder = tiny_parts
+    first = fan_in_init(WanDiT(TINY_DIT.replace(abs_pos_freqs=2)), seed=3).eval()
+    torch.manual_seed(7)
+    matcher = FrameTextMatcher(MatcherConfig(in_dim=TINY_DIT.in_dim, latent_hw=LATENT_HW, text_len=16, dim=32,
+                                             num_heads=2, num_layers=1, ffn_dim=32)).eval()
+    ff = FirstFrameSpec(steps=3, guidance=2.0, solver="euler", candidates=3, matcher_path="matcher")
+    spec = dataclasses.replace(SPEC, first_frame=ff)
+    with pytest.raises(ConfigError, match="no matcher given"):
+        save_pipeline_folder(tmp_path / "bad", spec, dit, vae=autoencoder, first_frame=first)
+    folder = save_pipeline_folder(tmp_path / "m", spec, dit, vae=autoencoder, first_frame=first, matcher=matcher)
+    assert read_pipeline_spec(folder) == spec
+    pipe = load_pipeline(folder)
+    for key, value in matcher.state_dict().items():
+        assert torch.equal(pipe.first_frame.matcher.state_dict()[key], value), key
+    with pipe.stream(PROMPT, seed=3) as stream:
+        video = np.concatenate(list(stream))
+    with torch.no_grad():
+        latents = sample_causal(pipe.model, pipe.encode_prompt(PROMPT), latent_hw=LATENT_HW, num_frames=3,
+                                config=pipe.stream_config, seed=3,
+                                first_frame=FirstFrameSampler(first, ff, matcher=matcher))
+        expected = pixels_to_frames(pipe.vae.decode(latents))
+    np.testing.assert_array_equal(video, expected)
+    data = json.loads((folder / "pipeline.json").read_text())
+    (tmp_path / "pipeline.json").write_text(json.dumps({**data, "first_frame": {**data["first_frame"],
+                                                                                  "matcher_path": None}}))
+    with pytest.raises(ConfigError, match="needs first_frame.matcher_path"):
+        read_pipeline_spec(tmp_path)
+
+
 def test_released_spec_matches_the_released_configs(tmp_path):
     four = released_spec(tmp_path, "framewise", 4)
     assert (four.block_size, four.latent_hw, four.num_frames, four.fps) == (1, (60, 104), 81, 16)

@@ -368,6 +368,20 @@ def test_cli_eval_model_scores_a_checkpoint(tmp_path, capsys, monkeypatch):
                  "--first-frame-prefix", "pm", "--first-frame-prefix-text", "minilm-clauses",
                  "--first-frame-refine", "1", "--first-frame-guidance", "2", "--first-frame-prefix-guidance", "1"]) == 0
     assert (out5 / "eval_000.mp4").read_bytes() != (out4 / "eval_000.mp4").read_bytes()
+    # Best-of-3 frame 0 chosen by a matcher: with --first-frame-candidates 1 the same clips as without it.
+    from causal_forcing.models.matcher import FrameTextMatcher, MatcherConfig, save_matcher
+    torch.manual_seed(0)
+    save_matcher(FrameTextMatcher(MatcherConfig(in_dim=config.in_dim, text_len=config.text_len, dim=32, num_heads=2,
+                                                num_layers=1, ffn_dim=32)), tmp_path / "matcher")
+    for name, n in (("causal_m1", "1"), ("causal_m3", "3")):
+        assert main(["eval", "model", "--weights", "pipe", "--kind", "causal", "--manifest", str(manifest),
+                     "--steps", "2", "--vae", str(tmp_path / "vae"), "--limit", "2", "--out", str(tmp_path / name),
+                     "--first-frame-candidates", n, "--first-frame-matcher", "matcher"]) == 0
+    assert main(["eval", "model", "--weights", "pipe", "--kind", "causal", "--manifest", str(manifest), "--steps", "2",
+                 "--vae", str(tmp_path / "vae"), "--limit", "2", "--out", str(tmp_path / "causal_m0")]) == 0
+    plain, one, three = (sb.load_clip(tmp_path / o / "eval_000.mp4").astype(int)
+                         for o in ("causal_m0", "causal_m1", "causal_m3"))
+    assert np.array_equal(plain, one) and not np.array_equal(one, three)
     capsys.readouterr()
     bads = [["--weights", str(tmp_path / "missing")], ["--limit", "0"], ["--block-size", "0"], ["--device", "gpu0"],
             ["--first-frame", str(tmp_path / "missing")], ["--first-frame", str(tmp_path / "ff"), "--no-first-frame"],
@@ -376,7 +390,12 @@ def test_cli_eval_model_scores_a_checkpoint(tmp_path, capsys, monkeypatch):
             ["--first-frame", str(tmp_path / "ff"), "--first-frame-frames", "2", "--first-frame-prefix",
              str(tmp_path / "pm"), "--first-frame-prefix-guidance", "0.5"],
             ["--first-frame", str(tmp_path / "ff"), "--first-frame-guidance", "0"],
-            ["--first-frame-refine", "1", "--no-first-frame"]]
+            ["--first-frame-refine", "1", "--no-first-frame"],
+            ["--first-frame", str(tmp_path / "ff"), "--first-frame-candidates", "2"],                  # no matcher
+            ["--first-frame", str(tmp_path / "ff"), "--first-frame-candidates", "0", "--first-frame-matcher",
+             str(tmp_path / "matcher")],
+            ["--first-frame", str(tmp_path / "ff"), "--first-frame-candidates", "2", "--first-frame-matcher",
+             str(tmp_path / "missing")]]
     if not torch.cuda.is_available():
         bads.append(["--device", "cuda"])
     for bad in bads:

@@ -78,6 +78,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     m.add_argument("--first-frame-prefix-guidance", type=float, default=None, metavar="G",
                    help="causal kind: the prefix model's CFG scale (default: pipeline.json's, else the first-frame "
                         "model's)")
+    m.add_argument("--first-frame-candidates", type=int, default=None, metavar="N",
+                   help="causal kind: frame-0 candidates per prompt, the matcher keeps the best (default: "
+                        "pipeline.json's, else 1; > 1 needs a matcher)")
+    m.add_argument("--first-frame-matcher", default=None, metavar="DIR",
+                   help="causal kind: the text-frame matcher folder that chooses among the candidates "
+                        "(default: pipeline.json's)")
     m.add_argument("--no-first-frame", action="store_true",
                    help="causal kind: the student makes frame 0 too, even if --weights names a first-frame model")
     m.set_defaults(func=run_model)
@@ -134,7 +140,9 @@ def _first_frame(args: argparse.Namespace, device: Any) -> Any:
     from ..pipelines.loading import PIPELINE_FILE, read_pipeline_spec
 
     prefix_path = None if args.first_frame_prefix is None else str(Path(args.first_frame_prefix).resolve())
-    overrides = {"frames": args.first_frame_frames, "text_encoder": args.first_frame_text,
+    matcher_path = None if args.first_frame_matcher is None else str(Path(args.first_frame_matcher).resolve())
+    overrides = {"candidates": args.first_frame_candidates, "matcher_path": matcher_path,
+                 "frames": args.first_frame_frames, "text_encoder": args.first_frame_text,
                  "refine_steps": args.first_frame_refine, "prefix_path": prefix_path,  # not relative to --weights
                  "prefix_text_encoder": args.first_frame_prefix_text, "guidance": args.first_frame_guidance,
                  "prefix_guidance": args.first_frame_prefix_guidance}
@@ -174,7 +182,15 @@ def _first_frame(args: argparse.Namespace, device: Any) -> Any:
     model, text = load(spec.path, spec.text_encoder)
     prefix, prefix_text = (None, None) if spec.prefix_path is None else load(spec.prefix_path,
                                                                               spec.prefix_text_encoder)
-    return FirstFrameSampler(model, spec, text, prefix_model=prefix, prefix_text_encoder=prefix_text)
+    matcher = None
+    if spec.matcher_path is not None:
+        from ..models.matcher import load_matcher
+        matcher = load_matcher(root / spec.matcher_path)
+    try:
+        return FirstFrameSampler(model, spec, text, prefix_model=prefix, prefix_text_encoder=prefix_text,
+                                 matcher=matcher)
+    except ConfigError as e:
+        raise InputError(str(e)) from None
 
 
 def run_model(args: argparse.Namespace) -> int:

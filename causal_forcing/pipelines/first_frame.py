@@ -39,12 +39,26 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
+from ..models.matcher import FrameTextMatcher
 from ..models.wan import WanDiT
 from .teacher import autoregressive_blocks
 
 SOLVERS = ("unipc", "euler")
 #: Text encoder kinds a first-frame model may have of its own (small models this project trains).
 TEXT_ENCODERS = ("minilm", "minilm-clauses")
+#: Most frame-0 candidates: each is the stream's noise with its channels rolled and its grid flipped
+#: (:func:`candidate_noise`), distinct for up to lcm(channels, 4) candidates, which is 16 for 16 channels.
+MAX_CANDIDATES = 16
+
+
+def candidate_noise(noise: Tensor, k: int) -> Tensor:
+    """Candidate ``k``'s starting noise, made from the stream's ``noise`` [B, n, C, H, W] without drawing more:
+    channels rolled by k, the grid flipped left-right when k is odd and upside down when bit 1 of k is set.
+    Each candidate is exactly as Gaussian as ``noise``; candidate 0 is ``noise`` itself, so one candidate is
+    the plain sampler, and a seeded stream stays reproducible."""
+    x = noise.roll(k, dims=2) if k % noise.shape[2] else noise
+    dims = [d for d, bit in ((-1, 1), (-2, 2)) if k & bit]
+    return x.flip(dims) if dims else x
 
 
 @dataclass(frozen=True)
@@ -62,6 +76,8 @@ class FirstFrameSpec:
     prefix_text_encoder: str | None = None   # the prefix model's own text encoder kind; None: the pipeline's
     refine_steps: int = 0    # the student re-draws the prefix through its last N steps (0: the prefix as made)
     prefix_guidance: float | None = None   # the prefix model's CFG scale; None: ``guidance``
+    candidates: int = 1      # frame-0 candidates per prompt; > 1: best-of-N, chosen by the matcher
+    matcher_path: str | None = None   # a text–frame matcher folder (models/matcher.py) that scores candidates
 
     @property
     def prefix_cfg(self) -> float:
@@ -98,6 +114,14 @@ class FirstFrameSpec:
             raise ConfigError("first_frame.prefix_path must name a model folder, and needs frames >= 2")
         if self.prefix_text_encoder is not None and self.prefix_path is None:
             raise ConfigError("first_frame.prefix_text_encoder needs first_frame.prefix_path")
+        if isinstance(self.candidates, bool) or not isinstance(self.candidates, int) \
+                or not 1 <= self.candidates <= MAX_CANDIDATES:
+            raise ConfigError(f"first_frame.candidates must be an integer from 1 to {MAX_CANDIDATES}, "
+                              f"got {self.candidates!r}")
+        if self.matcher_path is not None and not self.matcher_path:
+            raise ConfigError("first_frame.matcher_path must name a matcher folder or be null")
+        if self.candidates > 1 and self.matcher_path is None:
+            raise ConfigError("first_frame.candidates > 1 needs first_frame.matcher_path (what chooses among them)")
 
 
 class FirstFrameSampler:
@@ -110,9 +134,19 @@ class FirstFrameSampler:
     embeddings of the prompts: call the sampler through :meth:`for_prompts`, which binds them."""
 
     def __init__(self, model: WanDiT, spec: FirstFrameSpec | None = None, text_encoder: Any = None, *,
-                 prefix_model: WanDiT | None = None, prefix_text_encoder: Any = None):
+                 prefix_model: WanDiT | None = None, prefix_text_encoder: Any = None,
+                 matcher: FrameTextMatcher | None = None):
         self.model = model
         self.spec = spec or FirstFrameSpec()
+        if self.spec.candidates > 1 and matcher is None:
+            raise ConfigError(f"first_frame.candidates = {self.spec.candidates} needs a matcher to choose among them")
+        if matcher is not None:
+            mc, fc = matcher.config, model.config
+            if (mc.in_dim, mc.text_dim, mc.text_len) != (fc.in_dim, fc.text_dim, fc.text_len):
+                raise ConfigError(f"the matcher reads latents of {mc.in_dim} channels and text [{mc.text_len}, "
+                                  f"{mc.text_dim}], the first-frame model makes {fc.in_dim} channels from text "
+                                  f"[{fc.text_len}, {fc.text_dim}]")
+        self.matcher = matcher
         for what, given, named in (("a first-frame model", text_encoder, self.spec.text_encoder),
                                    ("a prefix model", prefix_text_encoder, self.spec.prefix_text_encoder)):
             if (given is None) != (named is None):
@@ -133,7 +167,7 @@ class FirstFrameSampler:
         return self.spec.refine_steps
 
     def models(self) -> list[WanDiT]:
-        """Every network it runs."""
+        """Every DiT it runs (the matcher, a small scorer, stays where it was loaded)."""
         return [self.model] + ([] if self.prefix_model is None else [self.prefix_model])
 
     def for_prompts(self, prompts: Sequence[str]) -> FirstFrameSampler | _PromptBound:
@@ -163,16 +197,41 @@ class FirstFrameSampler:
         if noise.dim() != 5 or noise.shape[1] < 1:
             raise ValueError(f"first-frame noise must be [B, n, C, H, W] with n >= 1, got {list(noise.shape)}")
         n = noise.shape[1]
-        first = None
-        for frame in self._solve(self.model, context, noise if self.prefix_model is None else noise[:, :1]):
-            first = frame if first is None else first
-            yield frame
-        if self.prefix_model is None or n == 1:
+        if self.spec.candidates > 1:
+            first = self.best_first_frame(context, noise[:, :1])
+            yield first
+        else:
+            first = None
+            for frame in self._solve(self.model, context, noise if self.prefix_model is None else noise[:, :1]):
+                first = frame if first is None else first
+                yield frame
+            if self.prefix_model is None:
+                return
+        if n == 1:
             return
-        later = self._solve(self.prefix_model, prefix_context, noise[:, 1:], initial=first,
-                            guidance=self.spec.prefix_cfg)
+        if self.prefix_model is None:       # best-of-N frame 0: the first-frame model goes on from the chosen one
+            later = self._solve(self.model, context, noise[:, 1:], initial=first)
+        else:
+            later = self._solve(self.prefix_model, prefix_context, noise[:, 1:], initial=first,
+                                guidance=self.spec.prefix_cfg)
         next(later)                        # the initial frame comes back first: frame 0, already given
         yield from later
+
+    @torch.no_grad()
+    def best_first_frame(self, context: Tensor, noise: Tensor) -> Tensor:
+        """Best-of-N frame 0 [B, 1, C, H, W]: ``spec.candidates`` frames per prompt, all solved in one batch from
+        :func:`candidate_noise` variants of ``noise`` [B, 1, C, H, W]; for each prompt, the one the matcher
+        scores highest against ``context`` (the first-frame model's own text embeddings)."""
+        if self.matcher is None:
+            raise ConfigError("best-of-N frame 0 needs a matcher")
+        k, batch = self.spec.candidates, noise.shape[0]
+        starts = torch.cat([candidate_noise(noise, i) for i in range(k)])          # candidate-major
+        contexts = context.repeat(k, 1, 1)
+        frames = next(self._solve(self.model, contexts, starts))                  # [k * B, 1, C, H, W]
+        device = next(self.matcher.parameters()).device
+        scores = self.matcher(frames[:, 0].to(device), contexts.to(device)).float().view(k, batch)
+        best = scores.argmax(dim=0).to(frames.device)
+        return frames.view(k, batch, *frames.shape[1:])[best, torch.arange(batch, device=frames.device)]
 
     def _solve(self, model: WanDiT, context: Tensor, noise: Tensor, initial: Tensor | None = None,
                guidance: float | None = None) -> Iterator[Tensor]:

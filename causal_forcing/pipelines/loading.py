@@ -480,7 +480,12 @@ def _load_first_frame(spec: FirstFrameSpec, root: Path, dtype: torch.dtype,
     model, text = load(spec.path, "first-frame model", spec.text_encoder)
     prefix, prefix_text = (None, None) if spec.prefix_path is None else \
         load(spec.prefix_path, "prefix model", spec.prefix_text_encoder)
-    return FirstFrameSampler(model, spec, text, prefix_model=prefix, prefix_text_encoder=prefix_text)
+    matcher = None
+    if spec.matcher_path is not None:
+        from ..models.matcher import load_matcher
+        matcher = load_matcher(root / spec.matcher_path)
+    return FirstFrameSampler(model, spec, text, prefix_model=prefix, prefix_text_encoder=prefix_text,
+                             matcher=matcher)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -502,13 +507,15 @@ def _save_wan_vae(vae: Any, folder: Path) -> None:
 
 def save_pipeline_folder(folder: str | Path, spec: PipelineSpec, model: WanDiT | Mapping[str, torch.Tensor], *,
                          config: ModelConfig | None = None, vae: Any = None,
-                         first_frame: WanDiT | None = None, prefix: WanDiT | None = None) -> Path:
+                         first_frame: WanDiT | None = None, prefix: WanDiT | None = None,
+                         matcher: Any = None) -> Path:
     """Write a pipeline folder that ``load_pipeline`` reads: the DiT, the VAE (when given), then ``pipeline.json``.
 
     ``model`` is a ``WanDiT`` or a Wan-layout state dict (then ``config`` is required). ``vae`` (a ``WanVAE`` or a
     diffusers ``AutoencoderKLWan``) is written to ``spec.vae.path``; without it that path must already hold a
     VAE. ``first_frame`` (a ``WanDiT``) is written to ``spec.first_frame.path``; a spec with a first-frame entry
-    and no model needs one there already; likewise ``prefix`` and ``spec.first_frame.prefix_path``. Each file is
+    and no model needs one there already; likewise ``prefix`` and ``spec.first_frame.prefix_path``, and ``matcher``
+    (a ``FrameTextMatcher``) and ``spec.first_frame.matcher_path``. Each file is
     written atomically and ``pipeline.json`` last, so a
     half-written folder never loads.
     """
@@ -541,6 +548,14 @@ def save_pipeline_folder(folder: str | Path, spec: PipelineSpec, model: WanDiT |
         save_model_folder(prefix, prefix.config, folder / prefix_path)
     elif prefix_path is not None and not (folder / prefix_path / WAN_CONFIG_FILE).is_file():
         raise ConfigError(f"no prefix model given and none at {folder / prefix_path}")
+    matcher_path = None if spec.first_frame is None else spec.first_frame.matcher_path
+    if matcher is not None:
+        if matcher_path is None:
+            raise ConfigError("a matcher was given but the spec's first_frame has no matcher_path")
+        from ..models.matcher import save_matcher
+        save_matcher(matcher, folder / matcher_path)
+    elif matcher_path is not None and not (folder / matcher_path / "config.json").is_file():
+        raise ConfigError(f"no matcher given and none at {folder / matcher_path}")
     with atomic_path(folder / PIPELINE_FILE) as tmp:
         tmp.write_text(json.dumps(spec.to_dict(), indent=2) + "\n", encoding="utf-8")
     return folder

@@ -19,6 +19,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "causal-cd": ("causal_cd", "stage 2b (CF++): causal consistency distillation"),
     "dmd": ("dmd", "stage 3: asymmetric DMD with self-forcing rollout"),
     "vae": ("vae", "train the small ShapesWorld VAE"),
+    "matcher": ("matcher", "train the text-frame matcher that picks the best of N frame-0 candidates"),
 }
 
 

@@ -37,7 +37,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -50,7 +49,6 @@ import yaml
 from torch import Tensor
 from torch.nn import functional as F
 
-from ..checkpoints import atomic_path
 from ..data import shapes
 from ..data.shapes_io import (
     MANIFEST_NAME,
@@ -59,12 +57,11 @@ from ..data.shapes_io import (
     save_clip,
     write_manifest,
 )
-from ..errors import CheckpointError, ConfigError, InputError
+from ..errors import ConfigError, InputError
 from ..models.small_vae import SmallVAE, SmallVAEConfig, latent_frames_for
 from .config import to_dict
-from .trainer import EMA, MetricsLog, lr_factor
-
-CKPT_DIR = "checkpoints"
+from .loop import latest_checkpoint, learning_rate, load_checkpoint, save_checkpoint, write_text
+from .trainer import EMA, MetricsLog
 EVAL_SEED_BASE = 7_777_777
 """Dataset seed of the held-out PSNR clips (training clips use `train.seed`)."""
 STATS_SEED_BASE = 5_555_555
@@ -256,11 +253,6 @@ def palette_loss(out: Tensor, target: Tensor, temperature: float) -> Tensor:
     return F.cross_entropy(logits.flatten(0, -4), labels.flatten(0, -3))
 
 
-def learning_rate(cfg: Any, step: int) -> float:
-    """The rate at optimizer step `step`: the shared trainer's curve (warm-up, then optim.schedule)."""
-    return cfg.optim.lr * lr_factor(cfg.optim, cfg.train.max_steps, step)
-
-
 @torch.no_grad()
 def latent_statistics(model: SmallVAE, clips: Tensor, batch: int = 4) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of the raw latents of `clips` `[N, T, 3, H, W]`."""
@@ -308,51 +300,6 @@ def reconstruct_folder(clips: str | Path, vae: Any, out: str | Path,
 # ---------------------------------------------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------------------------------------------
-def _write_text(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-
-
-def _latest(out: Path) -> Path | None:
-    pointer = out / CKPT_DIR / "latest"
-    if not pointer.exists():
-        return None
-    folder = out / CKPT_DIR / pointer.read_text().strip()
-    return folder if (folder / "state.pt").is_file() else None
-
-
-def _save(out: Path, step: int, model: SmallVAE, ema: EMA | None, optimizer: torch.optim.Optimizer,
-          gen: torch.Generator, cfg: Any) -> None:
-    folder = out / CKPT_DIR / f"step-{step:08d}"
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "ema": ema.state_dict() if ema is not None else None, "gen": gen.get_state(),
-             "torch_rng": torch.get_rng_state(), "config": to_dict(cfg)}
-    with atomic_path(folder / "state.pt") as tmp:
-        torch.save(state, tmp)
-    _write_text(out / CKPT_DIR / "latest", folder.name + "\n")
-    keep = max(1, cfg.train.keep_checkpoints)
-    for old in sorted(p for p in (out / CKPT_DIR).glob("step-*") if p.is_dir())[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _load(folder: Path, model: SmallVAE, ema: EMA | None, optimizer: torch.optim.Optimizer,
-          gen: torch.Generator) -> int:
-    try:
-        state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any unreadable checkpoint is a bad input
-        raise CheckpointError(f"checkpoint {folder} is unreadable: {str(error).splitlines()[0]}") from None
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    if ema is not None:
-        if state["ema"] is None:
-            raise CheckpointError(f"checkpoint {folder} has no EMA state but ema.decay > 0")
-        ema.load_state_dict(state["ema"])
-    gen.set_state(state["gen"])
-    torch.set_rng_state(state["torch_rng"])
-    return int(state["step"])
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The stage
 # ---------------------------------------------------------------------------------------------------------------
@@ -392,7 +339,7 @@ def finish(cfg: Any, model: SmallVAE, ema: EMA | None, out: Path) -> Path:
     report = {"psnr_db": psnr(recon, clips), "eval_clips": stage.eval_clips, "frames": stage.source_frames,
               "size": stage.size, "eval_seed_base": EVAL_SEED_BASE}
     folder = final.save_folder(out / "final")
-    _write_text(folder / "eval.json", json.dumps(report, indent=2) + "\n")
+    write_text(folder / "eval.json", json.dumps(report, indent=2) + "\n")
     if stage.export:
         final.save_folder(stage.export)
     print(f"held-out reconstruction PSNR {report['psnr_db']:.2f} dB on {stage.eval_clips} clips; saved {folder}")
@@ -407,7 +354,7 @@ def run(cfg: Any, resume: bool = False) -> Path:
         raise ConfigError("the vae stage trains in fp32 or bf16 (train.precision), not fp16")
     bf16 = cfg.train.precision == "bf16"
     out = Path(cfg.train.out_dir)
-    latest = _latest(out)
+    latest = latest_checkpoint(out)
     if latest is not None and not resume:
         raise ConfigError(f"{out} already has checkpoints; pass --resume to continue or choose another train.out_dir")
     torch.manual_seed(cfg.train.seed)
@@ -423,9 +370,9 @@ def run(cfg: Any, resume: bool = False) -> Path:
                                   weight_decay=cfg.optim.weight_decay)
     ema = EMA(model, cfg.ema.decay) if cfg.ema.decay > 0 else None
     gen = torch.Generator().manual_seed(cfg.train.seed)
-    step = _load(latest, model, ema, optimizer, gen) if latest is not None else 0
+    step = load_checkpoint(latest, model, ema, optimizer, gen) if latest is not None else 0
     out.mkdir(parents=True, exist_ok=True)
-    _write_text(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    write_text(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
     source = ClipSource(cfg.data.path, stage.size, stage.source_frames)
     log = MetricsLog(out / "metrics.jsonl", step)
     bar = None
@@ -458,7 +405,7 @@ def run(cfg: Any, resume: bool = False) -> Path:
             bar.set_postfix(loss=f"{metrics['loss']:.4f}")
         out_of_time = stage.max_minutes and time.monotonic() - started > 60.0 * stage.max_minutes
         if step % cfg.train.save_every == 0 or step == cfg.train.max_steps or out_of_time:
-            _save(out, step, model, ema, optimizer, gen, cfg)
+            save_checkpoint(out, step, model, ema, optimizer, gen, cfg)
         if out_of_time and step < cfg.train.max_steps:
             if bar is not None:
                 bar.close()
