@@ -265,7 +265,7 @@ def test_prefix_model_in_a_pipeline_folder(tmp_path, tiny_parts):
     np.testing.assert_array_equal(np.concatenate(blocks), expected)
 
 
-def test_best_of_n_first_frame_in_a_pipeline_folder(tmp_path, tiny_parts):
+def test_best_of_n_first_frame_in_a_pipeline_folder(tmp_path, tiny_parts, run_cli):
     """``first_frame.candidates`` + ``matcher_path``: the matcher is written and read back, and the video equals
     the engine run by hand with the sampler given that matcher; ``eval model``'s overrides reach the spec."""
     import dataclasses
@@ -295,6 +295,8 @@ def test_best_of_n_first_frame_in_a_pipeline_folder(tmp_path, tiny_parts):
                                 first_frame=FirstFrameSampler(first, ff, matcher=matcher))
         expected = pixels_to_frames(pipe.vae.decode(latents))
     np.testing.assert_array_equal(video, expected)
+    rc, stdout, _ = run_cli("info", folder, "--json")
+    assert rc == 0 and "best of 3 by matcher" in json.loads(stdout)["pipeline"]["first_frame"]
     data = json.loads((folder / "pipeline.json").read_text())
     (tmp_path / "pipeline.json").write_text(json.dumps({**data, "first_frame": {**data["first_frame"],
                                                                                   "matcher_path": None}}))

@@ -235,6 +235,8 @@ def describe_folder(folder: Path) -> dict[str, Any]:
                                                + (f" (text {ff.prefix_text_encoder})" if ff.prefix_text_encoder else "")
                                                + (f" (guidance {ff.prefix_guidance:g})" if ff.prefix_guidance else "")
                                                + (f", refined {ff.refine_steps} steps" if ff.refine_steps else "")
+                                               + (f", best of {ff.candidates} by {ff.matcher_path}"
+                                                  if ff.candidates > 1 else "")
                                                + ")")
     elif diffusers:
         kind = "diffusers WanTransformer3DModel folder"
