@@ -28,6 +28,11 @@ pipeline's own text embeddings; a MiniLM kind (``minilm`` or ``minilm-clauses``,
 own encoding of the prompt instead, e.g. each clause of a two-object caption encoded alone so that every motion
 word carries only its own object (docs/results.md, "Run 10"). Callers that know the prompts bind them with
 :meth:`FirstFrameSampler.for_prompts`.
+
+Frame 0 may also be the best of ``candidates`` samples (``matcher_path``: a text–frame matcher folder,
+models/matcher.py, that scores each candidate against the first-frame model's text embeddings); the candidates'
+noise is the stream's, rearranged (:func:`candidate_noise`), so a seed still gives one video. On ShapesWorld it did
+not pay (docs/results.md, "Run 12"), and the bundled pipelines do not use it.
 """
 from __future__ import annotations
 
