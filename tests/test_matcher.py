@@ -151,6 +151,8 @@ def test_candidate_settings_are_validated():
         FirstFrameSpec(candidates=2)
     with pytest.raises(ConfigError, match="needs a matcher"):
         FirstFrameSampler(model, FirstFrameSpec(candidates=2, matcher_path="m"))
+    with pytest.raises(ConfigError, match="4 distinct candidate noises"):       # 4 channels: 4 rearrangements
+        FirstFrameSampler(model, FirstFrameSpec(candidates=5, matcher_path="m"), matcher=_matcher())
     wrong = FrameTextMatcher(dataclasses.replace(TINY_MATCHER, text_len=6))
     with pytest.raises(ConfigError, match="the matcher reads"):
         FirstFrameSampler(model, FirstFrameSpec(candidates=2, matcher_path="m"), matcher=wrong)

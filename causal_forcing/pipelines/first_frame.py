@@ -36,6 +36,7 @@ not pay (docs/results.md, "Run 12"), and the bundled pipelines do not use it.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -145,6 +146,10 @@ class FirstFrameSampler:
         self.spec = spec or FirstFrameSpec()
         if self.spec.candidates > 1 and matcher is None:
             raise ConfigError(f"first_frame.candidates = {self.spec.candidates} needs a matcher to choose among them")
+        distinct = math.lcm(model.config.in_dim, 4)
+        if self.spec.candidates > distinct:
+            raise ConfigError(f"first_frame.candidates = {self.spec.candidates}: a model with {model.config.in_dim} "
+                              f"latent channels has {distinct} distinct candidate noises")
         if matcher is not None:
             mc, fc = matcher.config, model.config
             if (mc.in_dim, mc.text_dim, mc.text_len) != (fc.in_dim, fc.text_dim, fc.text_len):
