@@ -31,6 +31,7 @@ from causal_forcing.models.small_vae import (
     pixel_frames_for,
     upsample2x,
 )
+from causal_forcing.training import loop
 from causal_forcing.training import vae as vae_stage
 from causal_forcing.training.config import load_config
 
@@ -292,10 +293,10 @@ def test_stage_config_validation(tmp_path: Path) -> None:
     assert cfg.stage.frames == 17 and cfg.stage.size == 64
     # The preset's rate: linear warm-up, then a cosine from optim.lr down to 5% of it at train.max_steps.
     lr, warm, total = cfg.optim.lr, cfg.optim.warmup_steps, cfg.train.max_steps
-    assert vae_stage.learning_rate(cfg, 0) == pytest.approx(lr / warm)
-    assert vae_stage.learning_rate(cfg, warm) == pytest.approx(lr)
-    assert vae_stage.learning_rate(cfg, (warm + total) // 2) == pytest.approx(lr * (0.05 + 0.95 * 0.5), rel=1e-3)
-    assert vae_stage.learning_rate(cfg, total) == pytest.approx(lr * 0.05)
+    assert loop.learning_rate(cfg, 0) == pytest.approx(lr / warm)
+    assert loop.learning_rate(cfg, warm) == pytest.approx(lr)
+    assert loop.learning_rate(cfg, (warm + total) // 2) == pytest.approx(lr * (0.05 + 0.95 * 0.5), rel=1e-3)
+    assert loop.learning_rate(cfg, total) == pytest.approx(lr * 0.05)
     for override in ("stage.frames=16", "stage.crop=12", "stage.frames=85", "stage.latent_noise=-1",
                      "stage.lr_min_ratio=0.1", "optim.schedule=step"):
         with pytest.raises((ConfigError, InputError)):

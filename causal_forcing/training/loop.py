@@ -8,6 +8,8 @@ Every ``train.save_every`` steps the state is written atomically to ``out_dir/ch
 from __future__ import annotations
 
 import shutil
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,7 @@ import torch
 from ..checkpoints import atomic_path
 from ..errors import CheckpointError
 from .config import to_dict
-from .trainer import EMA, lr_factor
+from .trainer import EMA, MetricsLog, lr_factor
 
 CKPT_DIR = "checkpoints"
 
@@ -71,3 +73,63 @@ def load_checkpoint(folder: Path, model: torch.nn.Module, ema: EMA | None, optim
 def learning_rate(cfg: Any, step: int) -> float:
     """The rate at optimizer step `step`: the shared trainer's curve (warm-up, then optim.schedule)."""
     return cfg.optim.lr * lr_factor(cfg.optim, cfg.train.max_steps, step)
+
+
+def train_loop(cfg: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema: EMA | None,
+               gen: torch.Generator, out: Path, step: int, losses: Callable[[int], dict[str, torch.Tensor]], *,
+               desc: str, max_minutes: float = 0.0) -> bool:
+    """Train from ``step`` to ``train.max_steps``: ``losses(step)`` gives the step's terms (``"loss"`` is
+    minimised, all are logged); learning-rate curve, gradient clipping, EMA, metrics, progress bar and
+    checkpoints as the config says. Returns False when ``max_minutes`` (> 0) ran out first (a checkpoint is
+    written; ``--resume`` goes on), True when it reached ``train.max_steps``."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    log = MetricsLog(out / "metrics.jsonl", step)
+    bar = None
+    if cfg.train.progress:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.train.max_steps, initial=step, desc=desc, dynamic_ncols=True)
+    started = time.monotonic()
+    try:
+        while step < cfg.train.max_steps:
+            t0 = time.perf_counter()
+            lr = learning_rate(cfg, step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            terms = losses(step)
+            optimizer.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or float("inf"))
+            optimizer.step()
+            if ema is not None and step >= cfg.ema.start_step:
+                ema.update(model)
+            step += 1
+            metrics = {k: float(v.detach()) for k, v in terms.items()}
+            metrics.update(lr=lr, grad_norm=float(grad_norm), step_time=time.perf_counter() - t0)
+            if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+                log.write(step, metrics)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+            out_of_time = max_minutes and time.monotonic() - started > 60.0 * max_minutes
+            if step % cfg.train.save_every == 0 or step == cfg.train.max_steps or out_of_time:
+                save_checkpoint(out, step, model, ema, optimizer, gen, cfg)
+            if out_of_time and step < cfg.train.max_steps:
+                print(f"paused at step {step}/{cfg.train.max_steps} after {max_minutes:g} min; "
+                      f"rerun with --resume to continue")
+                return False
+    finally:
+        if bar is not None:
+            bar.close()
+    return True
+
+
+def final_copy(model: torch.nn.Module, ema: EMA | None, make: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """A frozen copy of the trained ``model`` (a fresh ``make()`` of the same architecture) holding its EMA
+    weights when EMA is on."""
+    final = make()
+    final.load_state_dict(model.state_dict())
+    if ema is not None:
+        with torch.no_grad():
+            for name, param in final.named_parameters():
+                param.copy_(ema.shadow[name])
+    return final.eval().requires_grad_(False)

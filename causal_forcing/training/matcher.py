@@ -19,7 +19,6 @@ The batch of step `s` is a pure function of (`train.seed`, `s`), and checkpoints
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +35,8 @@ from ..data.shapes import ObjectAttrs
 from ..errors import ConfigError
 from ..models.matcher import FrameTextMatcher, MatcherConfig, save_matcher
 from .config import to_dict
-from .loop import latest_checkpoint, learning_rate, load_checkpoint, save_checkpoint, write_text
-from .trainer import EMA, MetricsLog
+from .loop import final_copy, latest_checkpoint, load_checkpoint, train_loop, write_text
+from .trainer import EMA
 
 DATA_FILE = "data.pt"
 DATA_SEED_BASE = 3_333_333
@@ -232,16 +231,6 @@ def ranking_accuracy(model: FrameTextMatcher, data: dict, val_frames: int, batch
 # ---------------------------------------------------------------------------------------------------------------
 # The stage
 # ---------------------------------------------------------------------------------------------------------------
-def _final_model(model: FrameTextMatcher, ema: EMA | None) -> FrameTextMatcher:
-    final = FrameTextMatcher(model.config)
-    final.load_state_dict(model.state_dict())
-    if ema is not None:
-        with torch.no_grad():
-            for name, param in final.named_parameters():
-                param.copy_(ema.shadow[name])
-    return final.eval().requires_grad_(False)
-
-
 def run(cfg: Any, resume: bool = False) -> Path:
     """Train (or continue training) the matcher; returns `out_dir/final`, or `out_dir` when paused."""
     stage: Config = cfg.stage
@@ -261,47 +250,17 @@ def run(cfg: Any, resume: bool = False) -> Path:
     gen = torch.Generator().manual_seed(cfg.train.seed)
     step = load_checkpoint(latest, model, ema, optimizer, gen) if latest is not None else 0
     write_text(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    log = MetricsLog(out / "metrics.jsonl", step)
     pos_weight = torch.tensor(stage.pos_weight)
-    bar = None
-    if cfg.train.progress:
-        from tqdm import tqdm
-        bar = tqdm(total=cfg.train.max_steps, initial=step, desc="matcher", dynamic_ncols=True)
-    started = time.monotonic()
-    while step < cfg.train.max_steps:
-        t0 = time.perf_counter()
-        lr = learning_rate(cfg, step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        z, txt, labels = training_batch(data, cfg.train.seed, step, cfg.data.batch_size, stage.val_frames,
+
+    def losses(at: int) -> dict[str, torch.Tensor]:
+        z, txt, labels = training_batch(data, cfg.train.seed, at, cfg.data.batch_size, stage.val_frames,
                                         stage.latent_noise)
-        loss = F.binary_cross_entropy_with_logits(model(z, txt), labels, pos_weight=pos_weight)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
-        optimizer.step()
-        if ema is not None and step >= cfg.ema.start_step:
-            ema.update(model)
-        step += 1
-        loss = loss.detach()
-        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-            log.write(step, {"loss": float(loss), "lr": lr, "grad_norm": float(grad_norm),
-                             "step_time": time.perf_counter() - t0})
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{float(loss):.4f}")
-        out_of_time = stage.max_minutes and time.monotonic() - started > 60.0 * stage.max_minutes
-        if step % cfg.train.save_every == 0 or step == cfg.train.max_steps or out_of_time:
-            save_checkpoint(out, step, model, ema, optimizer, gen, cfg)
-        if out_of_time and step < cfg.train.max_steps:
-            if bar is not None:
-                bar.close()
-            print(f"paused at step {step}/{cfg.train.max_steps} after {stage.max_minutes:g} min; "
-                  f"rerun with --resume to continue")
-            return out
-    if bar is not None:
-        bar.close()
-    final = _final_model(model, ema)
+        return {"loss": F.binary_cross_entropy_with_logits(model(z, txt), labels, pos_weight=pos_weight)}
+
+    if not train_loop(cfg, model, optimizer, ema, gen, out, step, losses, desc="matcher",
+                      max_minutes=stage.max_minutes):
+        return out
+    final = final_copy(model, ema, lambda: FrameTextMatcher(model.config))
     folder = save_matcher(final, out / "final")
     report = {**ranking_accuracy(final, data, stage.val_frames), "val_frames": stage.val_frames,
               "negatives": stage.negatives}

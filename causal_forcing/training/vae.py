@@ -37,7 +37,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,8 +59,9 @@ from ..data.shapes_io import (
 from ..errors import ConfigError, InputError
 from ..models.small_vae import SmallVAE, SmallVAEConfig, latent_frames_for
 from .config import to_dict
-from .loop import latest_checkpoint, learning_rate, load_checkpoint, save_checkpoint, write_text
-from .trainer import EMA, MetricsLog
+from .loop import final_copy, latest_checkpoint, load_checkpoint, train_loop, write_text
+from .trainer import EMA
+
 EVAL_SEED_BASE = 7_777_777
 """Dataset seed of the held-out PSNR clips (training clips use `train.seed`)."""
 STATS_SEED_BASE = 5_555_555
@@ -312,21 +312,10 @@ def _load_init(model: SmallVAE, folder: str) -> None:
     model.load_state_dict(init.state_dict())
 
 
-def _final_model(model: SmallVAE, ema: EMA | None) -> SmallVAE:
-    """A frozen copy of the trained model (the EMA weights when EMA is on)."""
-    final = SmallVAE(model.config)
-    final.load_state_dict(model.state_dict())
-    if ema is not None:
-        with torch.no_grad():
-            for name, param in final.named_parameters():
-                param.copy_(ema.shadow[name])
-    return final.eval().requires_grad_(False)
-
-
 def finish(cfg: Any, model: SmallVAE, ema: EMA | None, out: Path) -> Path:
     """Measure latent statistics, save `out/final` (and `stage.export`), write the held-out PSNR."""
     stage = cfg.stage
-    final = _final_model(model, ema)
+    final = final_copy(model, ema, lambda: SmallVAE(model.config))
     if stage.trainable == "decoder":  # same encoder: keep the statistics every trained DiT was fitted to
         init = SmallVAE.from_folder(cfg.train.init).config
         mean, std = list(init.latents_mean), list(init.latents_std)
@@ -374,44 +363,13 @@ def run(cfg: Any, resume: bool = False) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
     source = ClipSource(cfg.data.path, stage.size, stage.source_frames)
-    log = MetricsLog(out / "metrics.jsonl", step)
-    bar = None
-    if cfg.train.progress:
-        from tqdm import tqdm
-        bar = tqdm(total=cfg.train.max_steps, initial=step, desc="vae", dynamic_ncols=True)
-    started = time.monotonic()
-    while step < cfg.train.max_steps:
-        t0 = time.perf_counter()
-        lr = learning_rate(cfg, step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        crop = stage.crop if step < stage.crop_steps else 0
-        pixels = training_batch(source, cfg.train.seed, step, cfg.data.batch_size, stage.frames, crop,
+
+    def losses(at: int) -> dict[str, Tensor]:
+        crop = stage.crop if at < stage.crop_steps else 0
+        pixels = training_batch(source, cfg.train.seed, at, cfg.data.batch_size, stage.frames, crop,
                                 stage.recolor_prob)
-        terms = reconstruction_loss(model, pixels, stage, gen, bf16)
-        optimizer.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or float("inf"))
-        optimizer.step()
-        if ema is not None and step >= cfg.ema.start_step:
-            ema.update(model)
-        step += 1
-        metrics = {k: float(v.detach()) for k, v in terms.items()}
-        metrics.update(lr=lr, grad_norm=float(grad_norm), step_time=time.perf_counter() - t0)
-        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-            log.write(step, metrics)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-        out_of_time = stage.max_minutes and time.monotonic() - started > 60.0 * stage.max_minutes
-        if step % cfg.train.save_every == 0 or step == cfg.train.max_steps or out_of_time:
-            save_checkpoint(out, step, model, ema, optimizer, gen, cfg)
-        if out_of_time and step < cfg.train.max_steps:
-            if bar is not None:
-                bar.close()
-            print(f"paused at step {step}/{cfg.train.max_steps} after {stage.max_minutes:g} min; "
-                  f"rerun with --resume to continue")
-            return out
-    if bar is not None:
-        bar.close()
+        return reconstruction_loss(model, pixels, stage, gen, bf16)
+
+    if not train_loop(cfg, model, optimizer, ema, gen, out, step, losses, desc="vae", max_minutes=stage.max_minutes):
+        return out
     return finish(cfg, model, ema, out)
