@@ -548,13 +548,14 @@ def save_pipeline_folder(folder: str | Path, spec: PipelineSpec, model: WanDiT |
         save_model_folder(prefix, prefix.config, folder / prefix_path)
     elif prefix_path is not None and not (folder / prefix_path / WAN_CONFIG_FILE).is_file():
         raise ConfigError(f"no prefix model given and none at {folder / prefix_path}")
+    from ..models.matcher import CONFIG_FILE as MATCHER_CONFIG_FILE
+    from ..models.matcher import save_matcher
     matcher_path = None if spec.first_frame is None else spec.first_frame.matcher_path
     if matcher is not None:
         if matcher_path is None:
             raise ConfigError("a matcher was given but the spec's first_frame has no matcher_path")
-        from ..models.matcher import save_matcher
         save_matcher(matcher, folder / matcher_path)
-    elif matcher_path is not None and not (folder / matcher_path / "config.json").is_file():
+    elif matcher_path is not None and not (folder / matcher_path / MATCHER_CONFIG_FILE).is_file():
         raise ConfigError(f"no matcher given and none at {folder / matcher_path}")
     with atomic_path(folder / PIPELINE_FILE) as tmp:
         tmp.write_text(json.dumps(spec.to_dict(), indent=2) + "\n", encoding="utf-8")

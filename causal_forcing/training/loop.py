@@ -1,5 +1,6 @@
-"""Checkpoints of the self-contained training loops (the stages that do not use ``trainer.Trainer``: ``vae``,
-``matcher``): one network, its EMA shadow, the optimizer, the step and a noise generator.
+"""The self-contained training loop of the stages that train one network that is not a DiT (``vae``, ``matcher``;
+the DiT stages use ``trainer.Trainer``): :func:`train_loop`, its checkpoints (the network, its EMA shadow, the
+optimizer, the step and a noise generator) and :func:`final_copy` of the trained weights.
 
 Every ``train.save_every`` steps the state is written atomically to ``out_dir/checkpoints/step-N/state.pt`` and
 ``checkpoints/latest`` points at it; the ``train.keep_checkpoints`` newest are kept. A loop whose batch at step

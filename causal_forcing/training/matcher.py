@@ -68,8 +68,9 @@ class Config:
     export: str = ""                 # also write the final matcher folder here
 
     def validate(self) -> None:
+        shapes.validate_canvas(self.size, shapes.MIN_FRAMES)
         checks = [
-            (self.size % 8 == 0 and self.size >= shapes.MIN_SIZE, "stage.size must be a multiple of 8 >= 24"),
+            (self.size % 8 == 0, "stage.size must be a multiple of 8"),
             (self.frames > self.val_frames >= 1, "stage.frames must exceed stage.val_frames >= 1"),
             (self.negatives >= 1, "stage.negatives must be >= 1"),
             (0.0 <= self.paraphrase_prob <= 1.0, "stage.paraphrase_prob must be in [0, 1]"),
