@@ -304,6 +304,41 @@ def test_best_of_n_first_frame_in_a_pipeline_folder(tmp_path, tiny_parts, run_cl
         read_pipeline_spec(tmp_path)
 
 
+def test_composed_first_frame_in_a_pipeline_folder(tmp_path, tiny_parts, run_cli):
+    """``first_frame.compose: objects``: the loaded sampler gets the pipeline's VAE, a stream of a two-clause prompt
+    equals the engine run by hand with that sampler bound to the prompt, and ``info`` names the setting."""
+    import dataclasses
+
+    from causal_forcing.models.text import build_text_encoder
+    from causal_forcing.pipelines.first_frame import FirstFrameSampler, FirstFrameSpec
+
+    dit, autoencoder = tiny_parts
+    first = fan_in_init(WanDiT(TINY_DIT.replace(abs_pos_freqs=2)), seed=3).eval()
+    ff = FirstFrameSpec(steps=3, guidance=2.0, solver="euler", text_encoder="minilm", compose="objects",
+                        compose_candidates=2)
+    spec = dataclasses.replace(SPEC, first_frame=ff)
+    folder = save_pipeline_folder(tmp_path / "c", spec, dit, vae=autoencoder, first_frame=first)
+    assert read_pipeline_spec(folder) == spec
+    pipe = load_pipeline(folder)
+    assert pipe.first_frame.vae is pipe.vae
+    prompt = "a red circle moving right and a big blue square standing still"
+    with pipe.stream(prompt, seed=3) as stream:
+        video = np.concatenate(list(stream))
+    by_hand = FirstFrameSampler(first, ff, build_text_encoder("minilm", text_len=TINY_DIT.text_len), vae=pipe.vae)
+    with torch.no_grad():
+        latents = sample_causal(pipe.model, pipe.encode_prompt(prompt), latent_hw=LATENT_HW, num_frames=3,
+                                config=pipe.stream_config, seed=3, first_frame=by_hand.for_prompts([prompt]))
+        expected = pixels_to_frames(pipe.vae.decode(latents))
+    np.testing.assert_array_equal(video, expected)
+    rc, stdout, _ = run_cli("info", folder, "--json")
+    assert rc == 0 and "assembled by objects (2 samples per clause)" in json.loads(stdout)["pipeline"]["first_frame"]
+    data = json.loads((folder / "pipeline.json").read_text())
+    (tmp_path / "pipeline.json").write_text(json.dumps({**data, "first_frame": {**data["first_frame"],
+                                                                                  "text_encoder": None}}))
+    with pytest.raises(ConfigError, match="compose needs first_frame.text_encoder"):
+        read_pipeline_spec(tmp_path)
+
+
 def test_released_spec_matches_the_released_configs(tmp_path):
     four = released_spec(tmp_path, "framewise", 4)
     assert (four.block_size, four.latent_hw, four.num_frames, four.fps) == (1, (60, 104), 81, 16)

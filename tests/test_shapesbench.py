@@ -382,6 +382,11 @@ def test_cli_eval_model_scores_a_checkpoint(tmp_path, capsys, monkeypatch):
     plain, one, three = (sb.load_clip(tmp_path / o / "eval_000.mp4").astype(int)
                          for o in ("causal_m0", "causal_m1", "causal_m3"))
     assert np.array_equal(plain, one) and not np.array_equal(one, three)
+    # Frame 0 assembled object by object (the first-frame model reading its own MiniLM encoding of each clause).
+    assert main(["eval", "model", "--weights", "pipe", "--kind", "causal", "--manifest", str(manifest), "--steps", "2",
+                 "--vae", str(tmp_path / "vae"), "--limit", "2", "--out", str(tmp_path / "causal_c"),
+                 "--first-frame-compose", "objects", "--first-frame-text", "minilm"]) == 0
+    assert (tmp_path / "causal_c" / "scores.json").is_file()
     capsys.readouterr()
     bads = [["--weights", str(tmp_path / "missing")], ["--limit", "0"], ["--block-size", "0"], ["--device", "gpu0"],
             ["--first-frame", str(tmp_path / "missing")], ["--first-frame", str(tmp_path / "ff"), "--no-first-frame"],
@@ -395,7 +400,9 @@ def test_cli_eval_model_scores_a_checkpoint(tmp_path, capsys, monkeypatch):
             ["--first-frame", str(tmp_path / "ff"), "--first-frame-candidates", "0", "--first-frame-matcher",
              str(tmp_path / "matcher")],
             ["--first-frame", str(tmp_path / "ff"), "--first-frame-candidates", "2", "--first-frame-matcher",
-             str(tmp_path / "missing")]]
+             str(tmp_path / "missing")],
+            ["--first-frame", str(tmp_path / "ff"), "--first-frame-compose", "objects"],      # no own text encoder
+            ["--first-frame-compose", "objects", "--first-frame-text", "minilm", "--no-first-frame"]]
     if not torch.cuda.is_available():
         bads.append(["--device", "cuda"])
     for bad in bads:

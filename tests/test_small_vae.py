@@ -287,6 +287,29 @@ def test_recolor_keeps_objects_and_avoids_held_out_combinations() -> None:
         assert len(np.unique(out[mask], axis=0)) == 1  # one new flat colour per object
 
 
+def test_offpalette_loss_closed_form_and_finite_gradient() -> None:
+    """The hinge equals max(0, d - margin) / 255 averaged over pixels, d the RGB distance (0-255) to the nearest
+    of black and the palette computed here by hand; exact palette pixels cost nothing and get a zero (not NaN)
+    gradient, and a dim edge pixel is pushed towards its nearest colour."""
+    colors = [(0, 0, 0), *shapes.COLORS.values()]
+    rgb = np.array([colors[1], (0, 0, 0), (128, 0, 0), (128, 128, 128), (200, 190, 30), colors[-1]], dtype=float)
+    margin = 20.0
+    nearest = np.sqrt(((rgb[:, None] - np.array(colors, dtype=float)[None]) ** 2).sum(-1)).min(1)
+    expected = np.maximum(nearest - margin, 0.0).mean() / 255.0
+    out = torch.tensor(rgb / 127.5 - 1.0, dtype=torch.float32).T.reshape(1, 3, 2, 3).requires_grad_(True)
+    loss = vae_stage.offpalette_loss(out, margin)
+    assert loss.item() == pytest.approx(expected, rel=1e-5) and expected > 0
+    loss.backward()
+    grad = out.grad.reshape(3, 6).T
+    assert torch.isfinite(grad).all()
+    assert torch.equal(grad[[0, 1, 5]], torch.zeros(3, 3))           # on the palette: nothing to learn
+    exact = torch.tensor(np.array(colors, dtype=float) / 127.5 - 1.0, dtype=torch.float32).T.reshape(1, 3, 1, -1)
+    assert vae_stage.offpalette_loss(exact, 0.0).item() < 1e-6   # float32 rounding of the colours only
+    # Mid-red (128, 0, 0) sits between red and black; a step against the gradient moves it nearer one of them.
+    step = out.detach() - 0.05 * out.grad.sign()
+    assert vae_stage.offpalette_loss(step, margin) < loss
+
+
 def test_stage_config_validation(tmp_path: Path) -> None:
     config = Path(__file__).resolve().parent.parent / "configs" / "shapes" / "vae.yaml"
     cfg = load_config(vae_stage.Config, config)
@@ -298,6 +321,7 @@ def test_stage_config_validation(tmp_path: Path) -> None:
     assert loop.learning_rate(cfg, (warm + total) // 2) == pytest.approx(lr * (0.05 + 0.95 * 0.5), rel=1e-3)
     assert loop.learning_rate(cfg, total) == pytest.approx(lr * 0.05)
     for override in ("stage.frames=16", "stage.crop=12", "stage.frames=85", "stage.latent_noise=-1",
+                     "stage.offpalette_weight=-1", "stage.offpalette_margin=-5",
                      "stage.lr_min_ratio=0.1", "optim.schedule=step"):
         with pytest.raises((ConfigError, InputError)):
             load_config(vae_stage.Config, config, [override])
@@ -334,7 +358,8 @@ def test_stage_trains_resumes_and_exports(tmp_path: Path) -> None:
     for key, value in a.state_dict().items():  # a negligible step from the init weights
         torch.testing.assert_close(tuned_model.state_dict()[key], value, rtol=0, atol=1e-6)
     # Decoder-only fine-tune: the encoder and the latent statistics stay bit-identical, the decoder learns.
-    decoder_only = ["stage.trainable=decoder", "optim.lr=1e-2", "train.max_steps=2", "stage.latent_noise=0.3"]
+    decoder_only = ["stage.trainable=decoder", "optim.lr=1e-2", "train.max_steps=2", "stage.latent_noise=0.3",
+                    "stage.offpalette_weight=2.0"]
     with pytest.raises(ConfigError, match="train.init"):
         vae_stage.run(load_config(vae_stage.Config, None, [*common, f"train.out_dir={tmp_path / 'e'}",
                                                            *decoder_only]))

@@ -84,6 +84,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     m.add_argument("--first-frame-matcher", default=None, metavar="DIR",
                    help="causal kind: the text-frame matcher folder that chooses among the candidates "
                         "(default: pipeline.json's)")
+    m.add_argument("--first-frame-compose", choices=("objects", "none"), default=None,
+                   help="causal kind: 'objects' assembles frame 0 of a multi-clause prompt object by object (the "
+                        "whole caption's sample places them, each clause's own sample draws them; needs "
+                        "--first-frame-text), 'none' keeps it as sampled (default: pipeline.json's)")
     m.add_argument("--no-first-frame", action="store_true",
                    help="causal kind: the student makes frame 0 too, even if --weights names a first-frame model")
     m.set_defaults(func=run_model)
@@ -129,7 +133,7 @@ def run_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
-def _first_frame(args: argparse.Namespace, device: Any) -> Any:
+def _first_frame(args: argparse.Namespace, device: Any, vae: Any = None) -> Any:
     """The first-frame sampler for ``eval model``: --first-frame, else the one --weights' pipeline.json names,
     with the --first-frame-* overrides."""
     from pathlib import Path
@@ -146,7 +150,10 @@ def _first_frame(args: argparse.Namespace, device: Any) -> Any:
                  "refine_steps": args.first_frame_refine, "prefix_path": prefix_path,  # not relative to --weights
                  "prefix_text_encoder": args.first_frame_prefix_text, "guidance": args.first_frame_guidance,
                  "prefix_guidance": args.first_frame_prefix_guidance}
+    compose = args.first_frame_compose
     if args.no_first_frame:
+        if compose is not None:
+            raise InputError("--first-frame-compose excludes --no-first-frame")
         if args.first_frame is not None or any(v is not None for v in overrides.values()):
             raise InputError("--first-frame and its --first-frame-* options exclude --no-first-frame")
         return None
@@ -160,8 +167,11 @@ def _first_frame(args: argparse.Namespace, device: Any) -> Any:
             return None
     else:
         return None
+    if compose is not None:
+        overrides["compose"] = None if compose == "none" else compose
     try:
-        spec = dataclasses.replace(spec, **{k: v for k, v in overrides.items() if v is not None})
+        spec = dataclasses.replace(spec, **{k: v for k, v in overrides.items()
+                                            if v is not None or (k == "compose" and compose is not None)})
     except ConfigError as e:
         raise InputError(str(e)) from None
     if args.kind != "causal":
@@ -188,7 +198,7 @@ def _first_frame(args: argparse.Namespace, device: Any) -> Any:
         matcher = load_matcher(root / spec.matcher_path)
     try:
         return FirstFrameSampler(model, spec, text, prefix_model=prefix, prefix_text_encoder=prefix_text,
-                                 matcher=matcher)
+                                 matcher=matcher, vae=vae if spec.compose is not None else None)
     except ConfigError as e:
         raise InputError(str(e)) from None
 
@@ -214,8 +224,8 @@ def run_model(args: argparse.Namespace) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda: no CUDA device is available")
     model = load_model_folder(args.weights).to(device)
-    first_frame = _first_frame(args, device)
     vae = load_vae(args.vae, device=device)
+    first_frame = _first_frame(args, device, vae)
     text = build_text_encoder("minilm", text_len=model.config.text_len, device=str(device))
     every, first = RELEASED_STEPS[args.steps]
     settings = EvalSettings(kind=args.kind, block_size=args.block_size, steps=every, first_block_steps=first,

@@ -237,6 +237,8 @@ def describe_folder(folder: Path) -> dict[str, Any]:
                                                + (f", refined {ff.refine_steps} steps" if ff.refine_steps else "")
                                                + (f", best of {ff.candidates} by {ff.matcher_path}"
                                                   if ff.candidates > 1 else "")
+                                               + (f", frame 0 assembled by {ff.compose} ({ff.compose_candidates} "
+                                                  f"samples per clause)" if ff.compose else "")
                                                + ")")
     elif diffusers:
         kind = "diffusers WanTransformer3DModel folder"

@@ -451,6 +451,17 @@ class MiniLMTextEncoder(HFTokenEncoder):
         super().__init__(model.to(device), tokenizer, text_len, dim=int(model.config.hidden_size))
 
 
+CLAUSE_PATTERN = r"\s*,\s*and\s+|\s+and\s+|\s+next\s+to\s+"
+"""Where a compositional caption splits into one clause per object: ``" and "``, ``", and "``, ``" next to "``."""
+
+
+def split_clauses(prompt: str, pattern: str | re.Pattern[str] = CLAUSE_PATTERN) -> list[str]:
+    """The clauses of ``prompt`` in order, split at ``pattern`` (a prompt without joiner is one clause; empty
+    pieces are dropped)."""
+    parts = [c.strip() for c in re.split(pattern, prompt.strip())]
+    return [c for c in parts if c] or [prompt]
+
+
 class ClauseTextEncoder:
     """Encode each clause of a prompt on its own and concatenate the clauses' token states.
 
@@ -463,7 +474,7 @@ class ClauseTextEncoder:
     a joiner inside one object's description ("a black and white cat") would be split too.
     """
 
-    DEFAULT_PATTERN = r"\s*,\s*and\s+|\s+and\s+|\s+next\s+to\s+"
+    DEFAULT_PATTERN = CLAUSE_PATTERN
 
     def __init__(self, encoder: HFTokenEncoder, pattern: str = DEFAULT_PATTERN) -> None:
         self.encoder = encoder
@@ -486,8 +497,7 @@ class ClauseTextEncoder:
 
     def clauses(self, prompt: str) -> list[str]:
         """The prompt's clauses in order (a prompt without joiner is one clause; empty pieces are dropped)."""
-        parts = [c.strip() for c in self.split_re.split(prompt.strip())]
-        return [c for c in parts if c] or [prompt]
+        return split_clauses(prompt, self.split_re)
 
     def encode(self, prompts: list[str]) -> Tensor:
         """Embed ``prompts`` as ``[B, text_len, dim]``: each clause alone, their tokens concatenated."""

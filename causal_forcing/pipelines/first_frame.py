@@ -33,6 +33,13 @@ Frame 0 may also be the best of ``candidates`` samples (``matcher_path``: a text
 models/matcher.py, that scores each candidate against the first-frame model's text embeddings); the candidates'
 noise is the stream's, rearranged (:func:`candidate_noise`), so a seed still gives one video. On ShapesWorld it did
 not pay (docs/results.md, "Run 12"), and the bundled pipelines do not use it.
+
+Frame 0 of a prompt with several clauses may instead be assembled object by object (``"compose": "objects"``,
+:mod:`.compose`): the sample for the whole prompt gives where each object is, a sample of each clause alone
+(``compose_candidates`` tries, again the stream's noise rearranged) draws it. This needs the first-frame model's own
+text encoder (``text_encoder``, to encode each clause) and the pipeline's VAE (the assembly is done on pixels). It
+assumes ShapesWorld-like scenes (bright objects of distinct colours on a dark background) and keeps the sampled
+frame wherever it cannot assemble one; the bundled ShapesWorld pipelines use it (docs/results.md, "Run 13").
 """
 from __future__ import annotations
 
@@ -46,7 +53,9 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from ..models.matcher import FrameTextMatcher
+from ..models.text import split_clauses
 from ..models.wan import WanDiT
+from .compose import place_objects
 from .teacher import autoregressive_blocks
 
 SOLVERS = ("unipc", "euler")
@@ -55,6 +64,9 @@ TEXT_ENCODERS = ("minilm", "minilm-clauses")
 #: Most frame-0 candidates: each is the stream's noise with its channels rolled and its grid flipped
 #: (:func:`candidate_noise`), distinct for up to lcm(channels, 4) candidates, which is 16 for 16 channels.
 MAX_CANDIDATES = 16
+#: Ways to assemble frame 0 (None: as sampled). "objects": :mod:`.compose`, the whole caption's sample placing the
+#: objects, each clause's own sample drawing its object.
+COMPOSE_MODES = (None, "objects")
 
 
 def candidate_noise(noise: Tensor, k: int) -> Tensor:
@@ -84,6 +96,8 @@ class FirstFrameSpec:
     prefix_guidance: float | None = None   # the prefix model's CFG scale; None: ``guidance``
     candidates: int = 1      # frame-0 candidates per prompt; > 1: best-of-N, chosen by the matcher
     matcher_path: str | None = None   # a text–frame matcher folder (models/matcher.py) that scores candidates
+    compose: str | None = None   # "objects": frame 0 of a multi-clause prompt assembled object by object
+    compose_candidates: int = 4  # samples per clause for "objects" (the first with an object is used)
 
     @property
     def prefix_cfg(self) -> float:
@@ -128,6 +142,15 @@ class FirstFrameSpec:
             raise ConfigError("first_frame.matcher_path must name a matcher folder or be null")
         if self.candidates > 1 and self.matcher_path is None:
             raise ConfigError("first_frame.candidates > 1 needs first_frame.matcher_path (what chooses among them)")
+        if self.compose not in COMPOSE_MODES:
+            raise ConfigError(f"first_frame.compose must be one of {', '.join(m for m in COMPOSE_MODES if m)} or "
+                              f"null, got {self.compose!r}")
+        if self.compose is not None and self.text_encoder is None:
+            raise ConfigError("first_frame.compose needs first_frame.text_encoder (it encodes each clause alone)")
+        if isinstance(self.compose_candidates, bool) or not isinstance(self.compose_candidates, int) \
+                or not 1 <= self.compose_candidates < MAX_CANDIDATES:
+            raise ConfigError(f"first_frame.compose_candidates must be an integer from 1 to {MAX_CANDIDATES - 1}, "
+                              f"got {self.compose_candidates!r}")
 
 
 class FirstFrameSampler:
@@ -141,9 +164,12 @@ class FirstFrameSampler:
 
     def __init__(self, model: WanDiT, spec: FirstFrameSpec | None = None, text_encoder: Any = None, *,
                  prefix_model: WanDiT | None = None, prefix_text_encoder: Any = None,
-                 matcher: FrameTextMatcher | None = None):
+                 matcher: FrameTextMatcher | None = None, vae: Any = None):
         self.model = model
         self.spec = spec or FirstFrameSpec()
+        if self.spec.compose is not None and vae is None:
+            raise ConfigError(f"first_frame.compose = {self.spec.compose!r} needs the pipeline's VAE")
+        self.vae = vae
         if self.spec.candidates > 1 and matcher is None:
             raise ConfigError(f"first_frame.candidates = {self.spec.candidates} needs a matcher to choose among them")
         distinct = math.lcm(model.config.in_dim, 4)
@@ -187,7 +213,7 @@ class FirstFrameSampler:
             return self
         own = [None if enc is None else enc.encode(list(prompts)).float()
                for enc in (self.text_encoder, self.prefix_text_encoder)]
-        return _PromptBound(self, own[0], own[1])
+        return _PromptBound(self, own[0], own[1], list(prompts))
 
     def __call__(self, context: Tensor, noise: Tensor) -> Tensor:
         return self.sample(context, context, noise)
@@ -202,13 +228,20 @@ class FirstFrameSampler:
         return torch.cat(list(self.iter_sample(context, prefix_context, noise)), dim=1)
 
     @torch.no_grad()
-    def iter_sample(self, context: Tensor, prefix_context: Tensor, noise: Tensor) -> Iterator[Tensor]:
-        """:meth:`sample`, one frame [B, 1, C, H, W] at a time (float32)."""
+    def iter_sample(self, context: Tensor, prefix_context: Tensor, noise: Tensor,
+                    prompts: Sequence[str] | None = None) -> Iterator[Tensor]:
+        """:meth:`sample`, one frame [B, 1, C, H, W] at a time (float32). ``prompts`` (one per batch row) are what
+        ``compose`` splits into clauses; without them frame 0 is kept as sampled."""
         if noise.dim() != 5 or noise.shape[1] < 1:
             raise ValueError(f"first-frame noise must be [B, n, C, H, W] with n >= 1, got {list(noise.shape)}")
         n = noise.shape[1]
-        if self.spec.candidates > 1:
-            first = self.best_first_frame(context, noise[:, :1])
+        if self.spec.candidates > 1 or (self.spec.compose is not None and prompts is not None):
+            if self.spec.candidates > 1:
+                first = self.best_first_frame(context, noise[:, :1])
+            else:
+                first = next(self._solve(self.model, context, noise[:, :1]))
+            if self.spec.compose is not None and prompts is not None:
+                first = self.compose_first_frame(first, noise[:, :1], prompts)
             yield first
         else:
             first = None
@@ -219,13 +252,55 @@ class FirstFrameSampler:
                 return
         if n == 1:
             return
-        if self.prefix_model is None:       # best-of-N frame 0: the first-frame model goes on from the chosen one
+        if self.prefix_model is None:       # frame 0 chosen or assembled: the first-frame model goes on from it
             later = self._solve(self.model, context, noise[:, 1:], initial=first)
         else:
             later = self._solve(self.prefix_model, prefix_context, noise[:, 1:], initial=first,
                                 guidance=self.spec.prefix_cfg)
         next(later)                        # the initial frame comes back first: frame 0, already given
         yield from later
+
+    @torch.no_grad()
+    def compose_first_frame(self, first: Tensor, noise: Tensor, prompts: Sequence[str]) -> Tensor:
+        """Frame 0 [B, 1, C, H, W] with each multi-clause prompt's frame assembled object by object
+        (:func:`.compose.place_objects`): ``first`` (the samples for the whole prompts) gives the layout, and every
+        clause is sampled alone, ``spec.compose_candidates`` times, from :func:`candidate_noise` variants of
+        ``noise`` [B, 1, C, H, W] that ``first`` did not use; decoded, assembled, encoded again by the VAE. Rows
+        with one clause, or whose frame cannot be assembled, are ``first``'s."""
+        if len(prompts) != first.shape[0]:
+            raise ValueError(f"{len(prompts)} prompts for a batch of {first.shape[0]}")
+        if self.vae is None or self.text_encoder is None:
+            raise ConfigError("composing frame 0 needs the pipeline's VAE and the first-frame model's text encoder")
+        distinct = math.lcm(noise.shape[2], 4)
+        out = first.clone()
+        for row, prompt in enumerate(prompts):
+            clauses = split_clauses(prompt)
+            if len(clauses) < 2:
+                continue
+            k = min(self.spec.compose_candidates, (distinct - 1) // len(clauses))
+            if k < 1:
+                continue
+            starts = torch.cat([candidate_noise(noise[row:row + 1], 1 + j * k + i)
+                                for j in range(len(clauses)) for i in range(k)])
+            contexts = self.text_encoder.encode(clauses).float().repeat_interleave(k, dim=0)
+            drawn = next(self._solve(self.model, contexts, starts))               # [clauses * k, 1, C, h, w]
+            pixels = self._decode(torch.cat([first[row:row + 1], drawn]))          # [1 + clauses * k, 3, H, W]
+            frame = place_objects(pixels[0], [list(pixels[1 + j * k:1 + (j + 1) * k]) for j in range(len(clauses))])
+            if frame is not None:
+                out[row:row + 1] = self._encode(frame).to(out)
+        return out
+
+    def _decode(self, latents: Tensor) -> Tensor:
+        """Latent frames 0 [N, 1, C, h, w] -> pixel frames [N, 3, H, W] in [-1, 1] (float32, on the CPU)."""
+        vae_device = getattr(self.vae, "device", torch.device("cpu"))
+        vae_dtype = getattr(self.vae, "dtype", torch.float32)
+        return self.vae.decode(latents.to(vae_device, vae_dtype))[:, 0].float().cpu()
+
+    def _encode(self, frame: Tensor) -> Tensor:
+        """Pixel frame [3, H, W] in [-1, 1] -> latent frame 0 [1, 1, C, h, w] (float32)."""
+        vae_device = getattr(self.vae, "device", torch.device("cpu"))
+        vae_dtype = getattr(self.vae, "dtype", torch.float32)
+        return self.vae.encode(frame[None, None].to(vae_device, vae_dtype)).float()
 
     @torch.no_grad()
     def best_first_frame(self, context: Tensor, noise: Tensor) -> Tensor:
@@ -260,10 +335,12 @@ class FirstFrameSampler:
 class _PromptBound:
     """A :class:`FirstFrameSampler` bound to its models' own embeddings of a stream's prompts."""
 
-    def __init__(self, sampler: FirstFrameSampler, context: Tensor | None, prefix_context: Tensor | None):
+    def __init__(self, sampler: FirstFrameSampler, context: Tensor | None, prefix_context: Tensor | None,
+                 prompts: list[str] | None = None):
         self.sampler = sampler
         self.context = context
         self.prefix_context = prefix_context
+        self.prompts = prompts
 
     @property
     def frames(self) -> int:
@@ -281,4 +358,5 @@ class _PromptBound:
             if own is not None and own.shape[0] != context.shape[0]:
                 raise ValueError(f"the stream has batch {context.shape[0]}, the bound prompts {own.shape[0]}")
         return self.sampler.iter_sample(context if self.context is None else self.context,
-                                        context if self.prefix_context is None else self.prefix_context, noise)
+                                        context if self.prefix_context is None else self.prefix_context, noise,
+                                        prompts=self.prompts)

@@ -446,10 +446,10 @@ def load_pipeline(model: str | Path | None = None, *, base: str | Path | None = 
     text_device, text_dtype = _text_placement(dev, dt, offload)
     text_encoder = _build_text_encoder(spec.text_encoder, root, text_device, text_dtype)
     first_frame = None if spec.first_frame is None else _load_first_frame(spec.first_frame, root, dt,
-                                                                          text_spec=spec.text_encoder)
+                                                                          text_spec=spec.text_encoder, vae=vae)
     if first_frame is not None:
         ff = spec.first_frame
-        what += f" + first-frame model ({ff.steps} steps)"
+        what += f" + first-frame model ({ff.steps} steps" + (", objects assembled)" if ff.compose else ")")
         if ff.prefix_path is not None:
             what += " + prefix model (" + ("frame 1" if ff.frames == 2 else f"frames 1-{ff.frames - 1}") + ")"
         elif ff.frames > 1:
@@ -460,7 +460,7 @@ def load_pipeline(model: str | Path | None = None, *, base: str | Path | None = 
 
 
 def _load_first_frame(spec: FirstFrameSpec, root: Path, dtype: torch.dtype,
-                      text_spec: TextEncoderSpec | None = None) -> FirstFrameSampler:
+                      text_spec: TextEncoderSpec | None = None, vae: Any = None) -> FirstFrameSampler:
     """The first-frame model of a pipeline folder (a model folder at ``root / spec.path``), its prefix model if
     the spec names one, and the text encoders of their own (on the CPU, fp32, from the pipeline's MiniLM
     weights when the pipeline names a folder for them)."""
@@ -485,7 +485,7 @@ def _load_first_frame(spec: FirstFrameSpec, root: Path, dtype: torch.dtype,
         from ..models.matcher import load_matcher
         matcher = load_matcher(root / spec.matcher_path)
     return FirstFrameSampler(model, spec, text, prefix_model=prefix, prefix_text_encoder=prefix_text,
-                             matcher=matcher)
+                             matcher=matcher, vae=vae if spec.compose is not None else None)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -14,9 +14,11 @@ learns shapes apart from their palette colour; a colour is redrawn while the jud
 as a held-out combination (a yellow triangle, a purple object moving up), so none is ever shown.
 
 Loss on the decoded frames (the decoder's 3 pre-roll frames excluded), pixels in [-1, 1]:
-`l1 * |x̂ - x| + l2 * (x̂ - x)² + edge * (|∂h x̂ - ∂h x| + |∂w x̂ - ∂w x|) + palette * CE + latent_l2 * mean(z²)`,
+`l1 * |x̂ - x| + l2 * (x̂ - x)² + edge * (|∂h x̂ - ∂h x| + |∂w x̂ - ∂w x|) + palette * CE + offpalette * H
++ latent_l2 * mean(z²)`,
 where CE (`palette_loss`) is the cross-entropy between the judge's colour class of each target pixel and a
-softmax over the output pixel's distances to the judge's colours, and the decoder sees z plus Gaussian noise of
+softmax over the output pixel's distances to the judge's colours, H (`offpalette_loss`) a hinge on each output
+pixel's distance to the nearest of those colours, whatever the target, and the decoder sees z plus Gaussian noise of
 `latent_noise` times the batch's latent RMS (robustness to imperfect generated latents). L1, edge and CE keep
 palette colours exact and edges hard, which the judge needs; L2 weighs the few large errors on objects.
 `train.init` starts from the weights of a `SmallVAE` folder with the same architecture (a fine-tune). With
@@ -88,6 +90,8 @@ class Config:
     edge_weight: float = 0.5
     palette_weight: float = 0.0          # judge-colour cross-entropy (`palette_loss`)
     palette_temperature: float = 0.1
+    offpalette_weight: float = 0.0       # hinge on each output pixel's distance to its nearest judge colour
+    offpalette_margin: float = 20.0      # ... beyond this many 0-255 RGB units (`offpalette_loss`)
     latent_l2_weight: float = 1e-4
     latent_noise: float = 0.1            # relative to the batch's latent RMS; 0 = none
     trainable: Literal["all", "decoder"] = "all"  # "decoder": encoder frozen, latent space and statistics kept
@@ -111,6 +115,8 @@ class Config:
             (self.l1_weight + self.l2_weight > 0, "stage.l1_weight or stage.l2_weight must be > 0"),
             (self.palette_weight >= 0 and self.palette_temperature > 0,
              "stage.palette_weight must be >= 0 and stage.palette_temperature > 0"),
+            (self.offpalette_weight >= 0 and self.offpalette_margin >= 0,
+             "stage.offpalette_weight and stage.offpalette_margin must be >= 0"),
             (self.latent_noise >= 0, "stage.latent_noise must be >= 0"),
             (self.trainable in ("all", "decoder"), "stage.trainable must be 'all' or 'decoder'"),
             (self.threads >= 1, "stage.threads must be >= 1"),
@@ -229,9 +235,12 @@ def reconstruction_loss(model: SmallVAE, pixels: Tensor, stage: Config, gen: tor
     terms = {"l1": diff.abs().mean(), "l2": diff.pow(2).mean(),
              "edge": ((diff.diff(dim=-1)).abs().mean() + (diff.diff(dim=-2)).abs().mean()),
              "palette": palette_loss(out, pixels, stage.palette_temperature) if stage.palette_weight else
+             torch.zeros(()),
+             "offpalette": offpalette_loss(out, stage.offpalette_margin) if stage.offpalette_weight else
              torch.zeros(()), "latent_l2": z.pow(2).mean()}
     terms["loss"] = (stage.l1_weight * terms["l1"] + stage.l2_weight * terms["l2"]
                      + stage.edge_weight * terms["edge"] + stage.palette_weight * terms["palette"]
+                     + stage.offpalette_weight * terms["offpalette"]
                      + stage.latent_l2_weight * terms["latent_l2"])
     return terms
 
@@ -251,6 +260,20 @@ def palette_loss(out: Tensor, target: Tensor, temperature: float) -> Tensor:
     labels = sq_dist(target).argmin(-3)
     logits = -sq_dist(out) / temperature
     return F.cross_entropy(logits.flatten(0, -4), labels.flatten(0, -3))
+
+
+def offpalette_loss(out: Tensor, margin: float) -> Tensor:
+    """Mean hinge ``max(0, d - margin) / 255`` on each output pixel's RGB distance ``d`` (0-255 units) to the
+    nearest judge colour (black or a palette colour), pixels ``[..., 3, H, W]`` in [-1, 1].
+
+    Every pixel of a ShapesWorld clip is one of those colours. Unlike `palette_loss` it does not ask for the
+    target pixel's colour: an edge pixel the decoder is unsure of may become the object's colour or black, but
+    not the dim mixture of both that L1 settles on where the edge's place is uncertain."""
+    centres = torch.from_numpy(_JUDGE_COLORS).to(out)                     # [K, 3], 0-255
+    rgb = (out.movedim(-3, -1).reshape(-1, 1, 3) + 1.0) * 127.5              # [N, 1, 3]
+    # the square root of a clamped sum, not cdist: the gradient of a zero distance must stay finite
+    nearest = (rgb - centres).pow(2).sum(-1).amin(dim=-1).clamp_min(1e-12).sqrt()
+    return F.relu(nearest - margin).mean() / 255.0
 
 
 @torch.no_grad()

@@ -1,0 +1,98 @@
+"""Frame 0 of a multi-object caption, assembled object by object (scenes of flat objects on a dark background).
+
+A first-frame model asked for two objects places them well (where they start decides where they go, and the
+pair has to fit together), but on ShapesWorld it draws them worse than one object alone: rounded blobs that read
+as the wrong shape (docs/results.md, "Run 12"). Asked for one object, it draws it right far more often. So frame 0
+can be put together from both (docs/results.md, "Run 13"):
+
+1. the model's sample for the whole caption is the *layout*: where each object is;
+2. each clause ("a small red circle moving right") is sampled alone: the *drawing* of its object;
+3. every drawing is moved so that its object sits where the layout has the object of the same colour, and the
+   moved objects are painted on the background in clause order.
+
+No attribute is read from the caption (the clause samples carry colour, shape and size; the layout carries
+place), and nothing is learned here. It assumes what ShapesWorld scenes are: objects of distinct, bright colours
+on a dark, flat background, not overlapping at frame 0. Where that does not hold for a frame (a colour of the
+layout is missing, a drawing is empty, two moved objects would touch), :func:`place_objects` returns None and the
+layout frame is kept as it is, so the step can only replace a frame by one it could assemble.
+
+Pixels here are ``[3, H, W]`` in [-1, 1], as the VAE decodes them.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+OBJECT_LEVEL = 100.0
+"""A pixel belongs to an object when its brightest channel exceeds this (0-255); the background is dark."""
+COLOUR_RADIUS = 80.0
+"""A layout pixel is the same object as a drawing when their RGB colours are closer than this (0-255)."""
+MIN_GAP = 1
+"""At least this many empty pixels must separate the moved objects' bounding boxes."""
+
+Box = tuple[int, int, int, int]   # top, bottom, left, right (inclusive pixel rows / columns)
+
+
+def _rgb(pixels: Tensor) -> Tensor:
+    return (pixels.float() + 1.0) * 127.5
+
+
+def object_box(mask: Tensor) -> Box | None:
+    """Bounding box (top, bottom, left, right) of the True pixels of ``mask`` [H, W]; None when there are none."""
+    rows = torch.nonzero(mask.any(dim=1)).flatten()
+    cols = torch.nonzero(mask.any(dim=0)).flatten()
+    if len(rows) == 0:
+        return None
+    return int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1])
+
+
+def boxes_touch(a: Box, b: Box, gap: int = MIN_GAP) -> bool:
+    """Whether boxes ``a`` and ``b`` overlap, or fewer than ``gap`` empty pixels separate them (gap 1: adjacent
+    boxes touch, one empty row or column between them does not)."""
+    return not (a[1] + gap < b[0] or b[1] + gap < a[0] or a[3] + gap < b[2] or b[3] + gap < a[2])
+
+
+def place_objects(layout: Tensor, drawings: Sequence[Sequence[Tensor]]) -> Tensor | None:
+    """Frame 0 assembled from ``layout`` [3, H, W] (the sample for the whole caption) and, for each clause in
+    order, its candidate drawings (each [3, H, W], the clause sampled alone); None where it cannot be assembled.
+
+    For each clause the first candidate that has an object is used: the object's mean colour finds the layout's
+    pixels of that colour, and the drawing is shifted (whole pixels) so that its object's box is centred on theirs,
+    kept inside the frame. Objects are painted over the layout's background colour (its darkest pixel, a flat
+    background) in clause order, each pixel taken from the brightest layer, so the dim rims around objects do not
+    cut into a neighbour."""
+    if layout.dim() != 3 or layout.shape[0] != 3:
+        raise ValueError(f"layout must be [3, H, W], got {list(layout.shape)}")
+    height, width = layout.shape[-2:]
+    layout_rgb = _rgb(layout)
+    layout_objects = layout_rgb.amax(dim=0) > OBJECT_LEVEL
+    darkest = layout_rgb.sum(dim=0).flatten().argmin()
+    canvas = layout.float().flatten(1)[:, darkest].view(3, 1, 1).expand(3, height, width).clone()
+    placed: list[Box] = []
+    for candidates in drawings:
+        drawing = next((d for d in candidates if object_box(_rgb(d).amax(dim=0) > OBJECT_LEVEL) is not None), None)
+        if drawing is None:
+            return None
+        rgb = _rgb(drawing)
+        mask = rgb.amax(dim=0) > OBJECT_LEVEL
+        box = object_box(mask)
+        assert box is not None
+        colour = rgb[:, mask].mean(dim=1)
+        target = object_box(layout_objects & ((layout_rgb - colour.view(3, 1, 1)).pow(2).sum(dim=0).sqrt()
+                                              < COLOUR_RADIUS))
+        if target is None:
+            return None
+        dy = round((target[0] + target[1]) / 2 - (box[0] + box[1]) / 2)
+        dx = round((target[2] + target[3]) / 2 - (box[2] + box[3]) / 2)
+        dy = max(-box[0], min(height - 1 - box[1], dy))
+        dx = max(-box[2], min(width - 1 - box[3], dx))
+        moved_box = (box[0] + dy, box[1] + dy, box[2] + dx, box[3] + dx)
+        if any(boxes_touch(moved_box, other) for other in placed):
+            return None
+        placed.append(moved_box)
+        moved = torch.roll(drawing.float(), shifts=(dy, dx), dims=(-2, -1))
+        brighter = _rgb(moved).amax(dim=0) > _rgb(canvas).amax(dim=0)
+        canvas = torch.where(brighter, moved, canvas)
+    return canvas

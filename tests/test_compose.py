@@ -1,0 +1,183 @@
+"""Frame 0 assembled object by object (pipelines/compose.py, ``first_frame.compose``): the assembly against the
+world's own renders, the cases where it declines, and the sampler's plumbing against the candidates solved one by
+one."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+from conftest import fan_in_init
+from causal_forcing.config import ModelConfig
+from causal_forcing.data import shapes
+from causal_forcing.errors import ConfigError
+from causal_forcing.models.text import split_clauses
+from causal_forcing.models.wan import WanDiT
+from causal_forcing.pipelines import first_frame as first_frame_module
+from causal_forcing.pipelines.compose import boxes_touch, object_box, place_objects
+from causal_forcing.pipelines.first_frame import MAX_CANDIDATES, FirstFrameSampler, FirstFrameSpec, candidate_noise
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CANVAS = 64
+
+
+def frame0(*objects: tuple[str, str, str, int, int]) -> torch.Tensor:
+    """The world's frame 0 with `objects` (size, colour, shape, left, top in whole pixels) as [3, H, W] in
+    [-1, 1]."""
+    params = tuple(shapes.ObjectParams(attrs=shapes.ObjectAttrs(size=s, color=c, shape=k, motion="still"),
+                                       x0=x / CANVAS, y0=y / CANVAS, speed=0.0) for s, c, k, x, y in objects)
+    pixels = shapes.render(shapes.ClipSpec(objects=params, size=CANVAS, frames=17, seed=0))[0]
+    return torch.from_numpy(pixels.astype(np.float32)).permute(2, 0, 1) / 127.5 - 1.0
+
+
+RED = ("small", "red", "triangle")
+BLUE = ("big", "blue", "square")
+
+
+def test_place_objects_equals_the_world_render_at_the_layout_places():
+    """Drawings of each object elsewhere, moved to where the layout has them, give exactly the world's render of
+    both objects at the layout's places, whatever the layout draws there (here: the wrong shapes)."""
+    layout = frame0(("small", "red", "circle", 40, 8), ("big", "blue", "circle", 6, 30))
+    red, blue = frame0((*RED, 10, 44)), frame0((*BLUE, 36, 2))
+    expected = frame0((*RED, 40, 8), (*BLUE, 6, 30))
+    torch.testing.assert_close(place_objects(layout, [[red], [blue]]), expected, atol=0, rtol=0)
+    # the order of the clauses does not matter when the objects do not touch
+    torch.testing.assert_close(place_objects(layout, [[blue], [red]]), expected, atol=0, rtol=0)
+
+
+def test_place_objects_uses_the_first_drawing_with_an_object_and_stays_in_the_frame():
+    """A big square centred on a small one in the corner would stick out of the frame: it is kept inside."""
+    layout = frame0(("small", "blue", "square", 0, 0), ("small", "red", "square", 50, 50))
+    empty = torch.full((3, CANVAS, CANVAS), -1.0)
+    big_blue = ("big", "blue", "square")
+    out = place_objects(layout, [[empty, frame0((*big_blue, 30, 30)), frame0((*big_blue, 1, 1))],
+                                 [frame0(("small", "red", "square", 3, 40))]])
+    torch.testing.assert_close(out, frame0((*big_blue, 0, 0), ("small", "red", "square", 50, 50)), atol=0, rtol=0)
+
+
+def test_place_objects_declines_what_it_cannot_assemble():
+    layout = frame0(("small", "red", "circle", 40, 8), ("big", "blue", "circle", 6, 30))
+    red, blue = frame0((*RED, 10, 44)), frame0((*BLUE, 36, 2))
+    green = frame0(("small", "green", "square", 20, 20))
+    empty = torch.full((3, CANVAS, CANVAS), -1.0)
+    assert place_objects(layout, [[red], [green]]) is None            # the layout has no green object
+    assert place_objects(layout, [[red], [empty, empty]]) is None     # a clause drew nothing
+    touching = frame0(("small", "red", "circle", 20, 20), ("big", "blue", "circle", 20 + 9, 20))
+    assert place_objects(touching, [[red], [blue]]) is None           # the moved objects would touch
+    with pytest.raises(ValueError, match="layout must be"):
+        place_objects(layout[None], [[red]])
+
+
+def test_boxes_and_gaps():
+    mask = torch.zeros(8, 10, dtype=torch.bool)
+    assert object_box(mask) is None
+    mask[2:5, 3:7] = True
+    assert object_box(mask) == (2, 4, 3, 6)
+    assert boxes_touch((0, 3, 0, 3), (2, 5, 2, 5))          # overlapping
+    assert boxes_touch((0, 3, 0, 3), (0, 3, 4, 7))          # adjacent columns
+    assert not boxes_touch((0, 3, 0, 3), (0, 3, 4, 7), gap=0)
+    assert not boxes_touch((0, 3, 0, 3), (5, 8, 0, 3))      # one empty row between
+    assert boxes_touch((0, 3, 0, 3), (5, 8, 0, 3), gap=2)
+
+
+def test_split_clauses():
+    assert split_clauses("a big red circle moving up and a small blue square standing still") == [
+        "a big red circle moving up", "a small blue square standing still"]
+    assert split_clauses("a red ball next to a blue cube, and a green cone") == ["a red ball", "a blue cube",
+                                                                                  "a green cone"]
+    assert split_clauses("a red circle") == ["a red circle"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The sampler
+# ---------------------------------------------------------------------------------------------------------------
+TINY_DIT = ModelConfig(in_dim=8, out_dim=8, dim=32, ffn_dim=64, text_dim=24, text_len=5, num_heads=2, num_layers=2,
+                       abs_pos_freqs=2)
+
+
+class HashText:
+    """A text encoder whose embedding is a fixed function of the text (what the sampler is given per clause)."""
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        return torch.stack([torch.randn(5, 24, generator=torch.Generator().manual_seed(sum(map(ord, p))))
+                            for p in prompts])
+
+
+class PoolVAE:
+    """A stand-in VAE: 8x nearest upsampling of the first 3 channels, and 8x average pooling back."""
+
+    device = torch.device("cpu")
+    dtype = torch.float32
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:          # [N, 1, C, h, w] -> [N, 1, 3, 8h, 8w]
+        return F.interpolate(latents[:, 0, :3], scale_factor=8, mode="nearest").clamp(-1, 1)[:, None]
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:           # [1, 1, 3, H, W] -> [1, 1, 8, H/8, W/8]
+        pooled = F.avg_pool2d(pixels[:, 0], 8)
+        return torch.cat([pooled, torch.zeros_like(pooled[:, :1]).expand(-1, 5, -1, -1)], dim=1)[:, None]
+
+
+def test_composed_frame_zero_is_the_assembly_of_the_clause_samples(monkeypatch):
+    """Rows with several clauses get ``encode(place_objects(decode(first), decoded clause samples))``, the clause
+    samples being the plain sampler's from the clause's embedding and candidate noise 1 + j k + i; one-clause rows,
+    and rows it declines, are the plain sampler's frame 0; the next frame continues from the assembled one."""
+    model = fan_in_init(WanDiT(TINY_DIT), seed=2).eval()
+    text, vae = HashText(), PoolVAE()
+    spec = FirstFrameSpec(steps=3, guidance=2.0, solver="euler", text_encoder="minilm", compose="objects",
+                          compose_candidates=2)
+    prompts = ["a red circle and a blue square", "a green triangle", "a red circle next to a big white square"]
+    seen: list[tuple[torch.Tensor, list[list[torch.Tensor]]]] = []
+
+    def fake_place(layout, drawings):
+        seen.append((layout, drawings))
+        return None if len(seen) == 2 else layout.flip(-1) * 0.5                # the second row is declined
+
+    monkeypatch.setattr(first_frame_module, "place_objects", fake_place)
+    sampler = FirstFrameSampler(model, spec, text, vae=vae)
+    plain = FirstFrameSampler(model, dataclasses.replace(spec, compose=None), text)
+    noise = torch.randn(3, 1, 8, 4, 6, generator=torch.Generator().manual_seed(5))
+    context = text.encode(prompts)
+    with torch.no_grad():
+        out = sampler.for_prompts(prompts)(context, noise)
+        reference = plain(context, noise)
+    assert len(seen) == 2
+    torch.testing.assert_close(out[1], reference[1], atol=0, rtol=0)           # one clause: untouched
+    torch.testing.assert_close(out[2], reference[2], atol=0, rtol=0)           # declined: untouched
+    layout, drawings = seen[0]
+    torch.testing.assert_close(layout, vae.decode(reference[:1])[0, 0], atol=1e-6, rtol=0)
+    clauses = split_clauses(prompts[0])
+    with torch.no_grad():
+        for j, clause in enumerate(clauses):
+            for i in range(2):
+                alone = plain(text.encode([clause]), candidate_noise(noise[:1], 1 + j * 2 + i))
+                torch.testing.assert_close(drawings[j][i], vae.decode(alone)[0, 0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[:1], vae.encode((layout.flip(-1) * 0.5)[None, None]), atol=0, rtol=0)
+    # without prompts (a caller that did not bind them) frame 0 is as sampled
+    with torch.no_grad():
+        torch.testing.assert_close(sampler(context, noise), reference, atol=0, rtol=0)
+    # frames after frame 0 continue from the assembled frame
+    seen.clear()
+    two = FirstFrameSampler(model, dataclasses.replace(spec, frames=2), text, vae=vae)
+    later = torch.randn(1, 1, 8, 4, 6, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        clip = two.for_prompts(prompts[:1])(context[:1], torch.cat([noise[:1], later], 1))
+        expected = list(plain._solve(model, context[:1], later, initial=out[:1]))
+    torch.testing.assert_close(clip[:, :1], out[:1], atol=0, rtol=0)
+    torch.testing.assert_close(clip[:, 1:], expected[1], atol=1e-5, rtol=1e-5)
+
+
+def test_compose_settings_are_validated():
+    model = fan_in_init(WanDiT(TINY_DIT), seed=2).eval()
+    with pytest.raises(ConfigError, match="compose must be one of objects"):
+        FirstFrameSpec(text_encoder="minilm", compose="blend")
+    with pytest.raises(ConfigError, match="needs first_frame.text_encoder"):
+        FirstFrameSpec(compose="objects")
+    for bad in (0, MAX_CANDIDATES, True, 2.0):
+        with pytest.raises(ConfigError, match="compose_candidates must be an integer"):
+            FirstFrameSpec(text_encoder="minilm", compose="objects", compose_candidates=bad)
+    with pytest.raises(ConfigError, match="needs the pipeline's VAE"):
+        FirstFrameSampler(model, FirstFrameSpec(text_encoder="minilm", compose="objects"), HashText())
