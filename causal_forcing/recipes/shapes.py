@@ -45,6 +45,11 @@ SHIP_INITS = tuple(init for _, inits in SHIP_CANDIDATES.values() for init in ini
 #: Latent frames the shipped pipelines make before their students take over when there is a prefix model: frame 0
 #: by the first-frame model, frames 1..PREFIX_FRAMES-1 by the prefix model (frame-wise, the best of 2-5, "Run 10").
 PREFIX_FRAMES = 4
+#: The first-frame model's own text encoder in the shipped pipelines: the pipeline's MiniLM, so frame 0 is the same,
+#: but the model can encode each clause alone for FIRST_FRAME_COMPOSE.
+FIRST_FRAME_TEXT = "minilm"
+#: Frame 0 of a multi-clause prompt assembled object by object (pipelines/compose.py; docs/results.md, "Run 13").
+FIRST_FRAME_COMPOSE = "objects"
 #: The prefix model's own text encoder: each clause of a caption encoded alone (models/text.py).
 PREFIX_TEXT = "minilm-clauses"
 #: CFG scales when there is a prefix model: the first-frame model's, and the prefix model's (docs/results.md, "Run
@@ -353,7 +358,8 @@ class ShapesRecipe:
         if self.final("first_frame").exists():
             state, config = load_dit_weights(self.final("first_frame"))
             save_model_folder(state, config, pipes / "shapes_first_frame")
-            first_frame = FirstFrameSpec(path="../shapes_first_frame", steps=4 if self.quick else 20)
+            first_frame = FirstFrameSpec(path="../shapes_first_frame", steps=4 if self.quick else 20,
+                                         text_encoder=FIRST_FRAME_TEXT, compose=FIRST_FRAME_COMPOSE)
         else:
             missing.append("shapes_first_frame")
         with_prefix = first_frame
