@@ -72,13 +72,17 @@ def place_objects(layout: Tensor, drawings: Sequence[Sequence[Tensor]]) -> Tenso
     canvas = layout.float().flatten(1)[:, darkest].view(3, 1, 1).expand(3, height, width).clone()
     placed: list[Box] = []
     for candidates in drawings:
-        drawing = next((d for d in candidates if object_box(_rgb(d).amax(dim=0) > OBJECT_LEVEL) is not None), None)
-        if drawing is None:
+        found = None
+        for candidate in candidates:                  # the first drawing that has an object
+            rgb = _rgb(candidate)
+            mask = rgb.amax(dim=0) > OBJECT_LEVEL
+            box = object_box(mask)
+            if box is not None:
+                found = candidate, rgb, mask, box
+                break
+        if found is None:
             return None
-        rgb = _rgb(drawing)
-        mask = rgb.amax(dim=0) > OBJECT_LEVEL
-        box = object_box(mask)
-        assert box is not None
+        drawing, rgb, mask, box = found
         colour = rgb[:, mask].mean(dim=1)
         target = object_box(layout_objects & ((layout_rgb - colour.view(3, 1, 1)).pow(2).sum(dim=0).sqrt()
                                               < COLOUR_RADIUS))

@@ -292,15 +292,11 @@ class FirstFrameSampler:
 
     def _decode(self, latents: Tensor) -> Tensor:
         """Latent frames 0 [N, 1, C, h, w] -> pixel frames [N, 3, H, W] in [-1, 1] (float32, on the CPU)."""
-        vae_device = getattr(self.vae, "device", torch.device("cpu"))
-        vae_dtype = getattr(self.vae, "dtype", torch.float32)
-        return self.vae.decode(latents.to(vae_device, vae_dtype))[:, 0].float().cpu()
+        return self.vae.decode(latents.to(self.vae.device, self.vae.dtype))[:, 0].float().cpu()
 
     def _encode(self, frame: Tensor) -> Tensor:
         """Pixel frame [3, H, W] in [-1, 1] -> latent frame 0 [1, 1, C, h, w] (float32)."""
-        vae_device = getattr(self.vae, "device", torch.device("cpu"))
-        vae_dtype = getattr(self.vae, "dtype", torch.float32)
-        return self.vae.encode(frame[None, None].to(vae_device, vae_dtype)).float()
+        return self.vae.encode(frame[None, None].to(self.vae.device, self.vae.dtype)).float()
 
     @torch.no_grad()
     def best_first_frame(self, context: Tensor, noise: Tensor) -> Tensor:
