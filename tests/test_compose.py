@@ -14,6 +14,7 @@ from conftest import fan_in_init
 from causal_forcing.config import ModelConfig
 from causal_forcing.data import shapes
 from causal_forcing.errors import ConfigError
+from causal_forcing.models.matcher import FrameTextMatcher, MatcherConfig
 from causal_forcing.models.text import split_clauses
 from causal_forcing.models.wan import WanDiT
 from causal_forcing.pipelines import first_frame as first_frame_module
@@ -121,41 +122,64 @@ class PoolVAE:
         return torch.cat([pooled, torch.zeros_like(pooled[:, :1]).expand(-1, 5, -1, -1)], dim=1)[:, None]
 
 
-def test_composed_frame_zero_is_the_assembly_of_the_clause_samples(monkeypatch):
-    """Rows with several clauses get ``encode(place_objects(decode(first), decoded clause samples))``, the clause
-    samples being the plain sampler's from the clause's embedding and candidate noise 1 + j k + i; one-clause rows,
-    and rows it declines, are the plain sampler's frame 0; the next frame continues from the assembled one."""
+def _matcher() -> FrameTextMatcher:
+    torch.manual_seed(1)
+    model = FrameTextMatcher(MatcherConfig(in_dim=8, latent_hw=(4, 6), text_dim=24, text_len=5, dim=32, num_heads=2,
+                                           num_layers=2, ffn_dim=48)).eval()
+    with torch.no_grad():
+        for p in model.parameters():          # a random matcher whose scores differ clearly between inputs
+            p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize("candidates", [1, 2])
+def test_composed_frame_zero_is_the_assembly_of_the_clause_samples(monkeypatch, candidates):
+    """Rows with several clauses get ``encode(place_objects(decode(first), decoded clause samples))``, ``first``
+    being the plain sampler's frame 0 (or, with 2 candidates, the one of candidate noises 0 and 1 the matcher
+    scores higher) and the clause samples the plain sampler's from the clause's embedding and candidate noise
+    ``candidates + j k + i``; one-clause rows, and rows it declines, keep ``first``; the next frame continues from
+    the assembled one. The sampler solves all of them in one batch; here each is solved alone."""
     model = fan_in_init(WanDiT(TINY_DIT), seed=2).eval()
     text, vae = HashText(), PoolVAE()
+    matcher = _matcher() if candidates > 1 else None
     spec = FirstFrameSpec(steps=3, guidance=2.0, solver="euler", text_encoder="minilm", compose="objects",
-                          compose_candidates=2)
+                          compose_candidates=2, candidates=candidates,
+                          matcher_path="matcher" if candidates > 1 else None)
     prompts = ["a red circle and a blue square", "a green triangle", "a red circle next to a big white square"]
     seen: list[tuple[torch.Tensor, list[list[torch.Tensor]]]] = []
 
     def fake_place(layout, drawings):
-        seen.append((layout, drawings))
+        seen.append((layout, [list(d) for d in drawings]))
         return None if len(seen) == 2 else layout.flip(-1) * 0.5                # the second row is declined
 
     monkeypatch.setattr(first_frame_module, "place_objects", fake_place)
-    sampler = FirstFrameSampler(model, spec, text, vae=vae)
-    plain = FirstFrameSampler(model, dataclasses.replace(spec, compose=None), text)
+    sampler = FirstFrameSampler(model, spec, text, vae=vae, matcher=matcher)
+    plain = FirstFrameSampler(model, dataclasses.replace(spec, compose=None, candidates=1, matcher_path=None), text)
     noise = torch.randn(3, 1, 8, 4, 6, generator=torch.Generator().manual_seed(5))
     context = text.encode(prompts)
     with torch.no_grad():
         out = sampler.for_prompts(prompts)(context, noise)
-        reference = plain(context, noise)
+        tries = [plain(context, candidate_noise(noise, i)) for i in range(candidates)]
+        if matcher is None:
+            reference = tries[0]
+        else:
+            scores = torch.stack([matcher(t[:, 0], context) for t in tries])          # [candidates, B]
+            assert scores.argmax(0).any()          # the matcher's choice is not always candidate 0
+            reference = torch.stack([tries[int(c)][b] for b, c in enumerate(scores.argmax(0))])
     assert len(seen) == 2
-    torch.testing.assert_close(out[1], reference[1], atol=0, rtol=0)           # one clause: untouched
-    torch.testing.assert_close(out[2], reference[2], atol=0, rtol=0)           # declined: untouched
+    torch.testing.assert_close(out[1], reference[1], atol=1e-5, rtol=1e-5)     # one clause: untouched
+    torch.testing.assert_close(out[2], reference[2], atol=1e-5, rtol=1e-5)     # declined: untouched
     layout, drawings = seen[0]
-    torch.testing.assert_close(layout, vae.decode(reference[:1])[0, 0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(layout, vae.decode(reference[:1])[0, 0], atol=1e-5, rtol=1e-5)
     clauses = split_clauses(prompts[0])
     with torch.no_grad():
         for j, clause in enumerate(clauses):
             for i in range(2):
-                alone = plain(text.encode([clause]), candidate_noise(noise[:1], 1 + j * 2 + i))
+                alone = plain(text.encode([clause]), candidate_noise(noise[:1], candidates + j * 2 + i))
                 torch.testing.assert_close(drawings[j][i], vae.decode(alone)[0, 0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out[:1], vae.encode((layout.flip(-1) * 0.5)[None, None]), atol=0, rtol=0)
+    if candidates > 1:
+        return
     # without prompts (a caller that did not bind them) frame 0 is as sampled
     with torch.no_grad():
         torch.testing.assert_close(sampler(context, noise), reference, atol=0, rtol=0)
@@ -166,7 +190,7 @@ def test_composed_frame_zero_is_the_assembly_of_the_clause_samples(monkeypatch):
     with torch.no_grad():
         clip = two.for_prompts(prompts[:1])(context[:1], torch.cat([noise[:1], later], 1))
         expected = list(plain._solve(model, context[:1], later, initial=out[:1]))
-    torch.testing.assert_close(clip[:, :1], out[:1], atol=0, rtol=0)
+    torch.testing.assert_close(clip[:, :1], out[:1], atol=1e-5, rtol=1e-5)   # batch 1 against batch 3
     torch.testing.assert_close(clip[:, 1:], expected[1], atol=1e-5, rtol=1e-5)
 
 

@@ -20,7 +20,7 @@ Pixels here are ``[3, H, W]`` in [-1, 1], as the VAE decodes them.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -54,9 +54,10 @@ def boxes_touch(a: Box, b: Box, gap: int = MIN_GAP) -> bool:
     return not (a[1] + gap < b[0] or b[1] + gap < a[0] or a[3] + gap < b[2] or b[3] + gap < a[2])
 
 
-def place_objects(layout: Tensor, drawings: Sequence[Sequence[Tensor]]) -> Tensor | None:
+def place_objects(layout: Tensor, drawings: Sequence[Iterable[Tensor]]) -> Tensor | None:
     """Frame 0 assembled from ``layout`` [3, H, W] (the sample for the whole caption) and, for each clause in
-    order, its candidate drawings (each [3, H, W], the clause sampled alone); None where it cannot be assembled.
+    order, its candidate drawings (each [3, H, W], the clause sampled alone; an iterable, read only as far as the
+    first drawing that has an object); None where it cannot be assembled.
 
     For each clause the first candidate that has an object is used: the object's mean colour finds the layout's
     pixels of that colour, and the drawing is shifted (whole pixels) so that its object's box is centred on theirs,

@@ -236,12 +236,7 @@ class FirstFrameSampler:
             raise ValueError(f"first-frame noise must be [B, n, C, H, W] with n >= 1, got {list(noise.shape)}")
         n = noise.shape[1]
         if self.spec.candidates > 1 or (self.spec.compose is not None and prompts is not None):
-            if self.spec.candidates > 1:
-                first = self.best_first_frame(context, noise[:, :1])
-            else:
-                first = next(self._solve(self.model, context, noise[:, :1]))
-            if self.spec.compose is not None and prompts is not None:
-                first = self.compose_first_frame(first, noise[:, :1], prompts)
+            first = self.first_frame(context, noise[:, :1], prompts if self.spec.compose is not None else None)
             yield first
         else:
             first = None
@@ -261,58 +256,98 @@ class FirstFrameSampler:
         yield from later
 
     @torch.no_grad()
-    def compose_first_frame(self, first: Tensor, noise: Tensor, prompts: Sequence[str]) -> Tensor:
-        """Frame 0 [B, 1, C, H, W] with each multi-clause prompt's frame assembled object by object
-        (:func:`.compose.place_objects`): ``first`` (the samples for the whole prompts) gives the layout, and every
-        clause is sampled alone, ``spec.compose_candidates`` times, from :func:`candidate_noise` variants of
-        ``noise`` [B, 1, C, H, W] that ``first`` did not use; decoded, assembled, encoded again by the VAE. Rows
-        with one clause, or whose frame cannot be assembled, are ``first``'s."""
-        if len(prompts) != first.shape[0]:
-            raise ValueError(f"{len(prompts)} prompts for a batch of {first.shape[0]}")
-        if self.vae is None or self.text_encoder is None:
-            raise ConfigError("composing frame 0 needs the pipeline's VAE and the first-frame model's text encoder")
-        distinct = math.lcm(noise.shape[2], 4)
-        out = first.clone()
-        for row, prompt in enumerate(prompts):
-            clauses = split_clauses(prompt)
-            if len(clauses) < 2:
-                continue
-            k = min(self.spec.compose_candidates, (distinct - 1) // len(clauses))
-            if k < 1:
-                continue
-            starts = torch.cat([candidate_noise(noise[row:row + 1], 1 + j * k + i)
-                                for j in range(len(clauses)) for i in range(k)])
-            contexts = self.text_encoder.encode(clauses).float().repeat_interleave(k, dim=0)
-            drawn = next(self._solve(self.model, contexts, starts))               # [clauses * k, 1, C, h, w]
-            pixels = self._decode(torch.cat([first[row:row + 1], drawn]))          # [1 + clauses * k, 3, H, W]
-            frame = place_objects(pixels[0], [list(pixels[1 + j * k:1 + (j + 1) * k]) for j in range(len(clauses))])
+    def first_frame(self, context: Tensor, noise: Tensor, prompts: Sequence[str] | None = None) -> Tensor:
+        """Frame 0 [B, 1, C, H, W] when it is more than one plain sample, from ``noise`` [B, 1, C, H, W].
+
+        Each prompt gets ``spec.candidates`` samples of the whole prompt (:func:`candidate_noise` 0..k-1; the
+        matcher picks one when k > 1). With ``prompts`` (one per row; ``compose`` on), each prompt of several
+        clauses also gets ``spec.compose_candidates`` samples of every clause alone, from the candidate noises
+        after those, and its frame is assembled from the chosen sample (the layout) and the clause samples
+        (:func:`.compose.place_objects`): decoded, assembled and encoded again by the VAE. Rows with one clause,
+        or whose frame cannot be assembled, keep the chosen sample. Every sample is solved in one batch, so
+        assembling costs a wider batch, not a second solve."""
+        k, batch = self.spec.candidates, noise.shape[0]
+        starts = [candidate_noise(noise, i) for i in range(k)]                    # candidate-major
+        contexts = [context.repeat(k, 1, 1)]
+        plan: list[tuple[int, int, int]] = []                                      # (row, clauses, samples each)
+        if prompts is not None:
+            if len(prompts) != batch:
+                raise ValueError(f"{len(prompts)} prompts for a batch of {batch}")
+            if self.vae is None or self.text_encoder is None:
+                raise ConfigError("composing frame 0 needs the pipeline's VAE and the first-frame model's text "
+                                  "encoder")
+            distinct = math.lcm(noise.shape[2], 4)
+            texts: list[str] = []
+            for row, prompt in enumerate(prompts):
+                clauses = split_clauses(prompt)
+                if len(clauses) < 2:
+                    continue
+                each = min(self.spec.compose_candidates, (distinct - k) // len(clauses))
+                if each < 1:
+                    continue
+                plan.append((row, len(clauses), each))
+                texts += clauses
+                starts += [candidate_noise(noise[row:row + 1], k + j * each + i)
+                           for j in range(len(clauses)) for i in range(each)]
+            if texts:
+                repeats = torch.tensor([each for _, n, each in plan for _ in range(n)])
+                contexts.append(self.text_encoder.encode(texts).float().to(context.device)
+                                .repeat_interleave(repeats.to(context.device), dim=0))
+        frames = next(self._solve(self.model, torch.cat(contexts), torch.cat(starts)))
+        first = frames[:k * batch]
+        if k > 1:
+            if self.matcher is None:
+                raise ConfigError("best-of-N frame 0 needs a matcher")
+            device = next(self.matcher.parameters()).device
+            scores = self.matcher(first[:, 0].to(device), contexts[0].to(device)).float().view(k, batch)
+            best = scores.argmax(dim=0).to(first.device)
+            first = first.view(k, batch, *first.shape[1:])[best, torch.arange(batch, device=first.device)]
+        else:
+            first = first.clone()
+        if plan:
+            self._assemble(first, frames[k * batch:], plan)
+        return first
+
+    def _assemble(self, first: Tensor, drawn: Tensor, plan: list[tuple[int, int, int]]) -> None:
+        """Replace, in place, the rows of ``first`` named by ``plan`` with their assembled frames; ``drawn`` holds
+        the clause samples in plan order (row by row, clause by clause, sample by sample). The layouts and each
+        clause's first sample are decoded in one call; a clause's later samples only when the ones before them
+        have no object (place_objects uses the first that has one)."""
+        rows = [row for row, _, _ in plan]
+        heads: list[int] = []
+        at = 0
+        for _, clauses, each in plan:
+            heads += [at + j * each for j in range(clauses)]
+            at += clauses * each
+        decoded = self._decode(torch.cat([first[rows], drawn[heads]]))
+        layouts, head_pixels = decoded[:len(rows)], iter(decoded[len(rows):])
+        made: list[tuple[int, Tensor]] = []
+        at = 0
+        for layout, (row, clauses, each) in zip(layouts, plan):
+            drawings = [self._candidates(next(head_pixels), drawn[at + j * each + 1:at + (j + 1) * each])
+                        for j in range(clauses)]
+            at += clauses * each
+            frame = place_objects(layout, drawings)
             if frame is not None:
-                out[row:row + 1] = self._encode(frame).to(out)
-        return out
+                made.append((row, frame))
+        if made:
+            encoded = self._encode(torch.stack([frame for _, frame in made]))
+            for (row, _), latent in zip(made, encoded):
+                first[row] = latent.to(first)
+
+    def _candidates(self, head: Tensor, rest: Tensor) -> Iterator[Tensor]:
+        """A clause's drawings: ``head`` (decoded), then each of ``rest`` (latent) decoded when it is asked for."""
+        yield head
+        for latent in rest:
+            yield self._decode(latent[None])[0]
 
     def _decode(self, latents: Tensor) -> Tensor:
         """Latent frames 0 [N, 1, C, h, w] -> pixel frames [N, 3, H, W] in [-1, 1] (float32, on the CPU)."""
         return self.vae.decode(latents.to(self.vae.device, self.vae.dtype))[:, 0].float().cpu()
 
-    def _encode(self, frame: Tensor) -> Tensor:
-        """Pixel frame [3, H, W] in [-1, 1] -> latent frame 0 [1, 1, C, h, w] (float32)."""
-        return self.vae.encode(frame[None, None].to(self.vae.device, self.vae.dtype)).float()
-
-    @torch.no_grad()
-    def best_first_frame(self, context: Tensor, noise: Tensor) -> Tensor:
-        """Best-of-N frame 0 [B, 1, C, H, W]: ``spec.candidates`` frames per prompt, all solved in one batch from
-        :func:`candidate_noise` variants of ``noise`` [B, 1, C, H, W]; for each prompt, the one the matcher
-        scores highest against ``context`` (the first-frame model's own text embeddings)."""
-        if self.matcher is None:
-            raise ConfigError("best-of-N frame 0 needs a matcher")
-        k, batch = self.spec.candidates, noise.shape[0]
-        starts = torch.cat([candidate_noise(noise, i) for i in range(k)])          # candidate-major
-        contexts = context.repeat(k, 1, 1)
-        frames = next(self._solve(self.model, contexts, starts))                  # [k * B, 1, C, H, W]
-        device = next(self.matcher.parameters()).device
-        scores = self.matcher(frames[:, 0].to(device), contexts.to(device)).float().view(k, batch)
-        best = scores.argmax(dim=0).to(frames.device)
-        return frames.view(k, batch, *frames.shape[1:])[best, torch.arange(batch, device=frames.device)]
+    def _encode(self, frames: Tensor) -> Tensor:
+        """Pixel frames [N, 3, H, W] in [-1, 1] -> latent frames 0 [N, 1, C, h, w] (float32)."""
+        return self.vae.encode(frames[:, None].to(self.vae.device, self.vae.dtype)).float()
 
     def _solve(self, model: WanDiT, context: Tensor, noise: Tensor, initial: Tensor | None = None,
                guidance: float | None = None) -> Iterator[Tensor]:
