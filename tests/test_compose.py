@@ -132,18 +132,20 @@ def _matcher() -> FrameTextMatcher:
     return model
 
 
-@pytest.mark.parametrize("candidates", [1, 2])
-def test_composed_frame_zero_is_the_assembly_of_the_clause_samples(monkeypatch, candidates):
+@pytest.mark.parametrize("candidates,layouts", [(1, 1), (2, 1), (1, 2)])
+def test_composed_frame_zero_is_the_assembly_of_the_clause_samples(monkeypatch, candidates, layouts):
     """Rows with several clauses get ``encode(place_objects(decode(first), decoded clause samples))``, ``first``
     being the plain sampler's frame 0 (or, with 2 candidates, the one of candidate noises 0 and 1 the matcher
     scores higher) and the clause samples the plain sampler's from the clause's embedding and candidate noise
-    ``candidates + j k + i``; one-clause rows, and rows it declines, keep ``first``; the next frame continues from
-    the assembled one. The sampler solves all of them in one batch; here each is solved alone."""
+    ``candidates + (layouts - 1) + j k + i``; one-clause rows keep ``first``; a row it declines tries its other
+    layouts (the whole prompt from candidate noise ``candidates``, ...) and keeps ``first`` when it declines them
+    all; the next frame continues from the assembled one. The sampler solves all of them in one batch; here each
+    is solved alone."""
     model = fan_in_init(WanDiT(TINY_DIT), seed=2).eval()
     text, vae = HashText(), PoolVAE()
     matcher = _matcher() if candidates > 1 else None
     spec = FirstFrameSpec(steps=3, guidance=2.0, solver="euler", text_encoder="minilm", compose="objects",
-                          compose_candidates=2, candidates=candidates,
+                          compose_candidates=2, candidates=candidates, compose_layouts=layouts,
                           matcher_path="matcher" if candidates > 1 else None)
     prompts = ["a red circle and a blue square", "a green triangle", "a red circle next to a big white square"]
     seen: list[tuple[torch.Tensor, list[list[torch.Tensor]]]] = []
@@ -166,19 +168,26 @@ def test_composed_frame_zero_is_the_assembly_of_the_clause_samples(monkeypatch, 
             scores = torch.stack([matcher(t[:, 0], context) for t in tries])          # [candidates, B]
             assert scores.argmax(0).any()          # the matcher's choice is not always candidate 0
             reference = torch.stack([tries[int(c)][b] for b, c in enumerate(scores.argmax(0))])
-    assert len(seen) == 2
+    assert len(seen) == 1 + layouts
     torch.testing.assert_close(out[1], reference[1], atol=1e-5, rtol=1e-5)     # one clause: untouched
-    torch.testing.assert_close(out[2], reference[2], atol=1e-5, rtol=1e-5)     # declined: untouched
+    torch.testing.assert_close(seen[1][0], vae.decode(reference[2:])[0, 0], atol=1e-5, rtol=1e-5)
+    if layouts == 1:
+        torch.testing.assert_close(out[2], reference[2], atol=1e-5, rtol=1e-5)  # declined: untouched
+    else:                                                                       # declined, then its second layout
+        with torch.no_grad():
+            second = plain(context[2:], candidate_noise(noise[2:], candidates))
+        torch.testing.assert_close(seen[2][0], vae.decode(second)[0, 0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out[2:], vae.encode((seen[2][0].flip(-1) * 0.5)[None, None]), atol=0, rtol=0)
     layout, drawings = seen[0]
     torch.testing.assert_close(layout, vae.decode(reference[:1])[0, 0], atol=1e-5, rtol=1e-5)
     clauses = split_clauses(prompts[0])
     with torch.no_grad():
         for j, clause in enumerate(clauses):
             for i in range(2):
-                alone = plain(text.encode([clause]), candidate_noise(noise[:1], candidates + j * 2 + i))
+                alone = plain(text.encode([clause]), candidate_noise(noise[:1], candidates + layouts - 1 + j * 2 + i))
                 torch.testing.assert_close(drawings[j][i], vae.decode(alone)[0, 0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out[:1], vae.encode((layout.flip(-1) * 0.5)[None, None]), atol=0, rtol=0)
-    if candidates > 1:
+    if (candidates, layouts) != (1, 1):
         return
     # without prompts (a caller that did not bind them) frame 0 is as sampled
     with torch.no_grad():
@@ -203,5 +212,10 @@ def test_compose_settings_are_validated():
     for bad in (0, MAX_CANDIDATES, True, 2.0):
         with pytest.raises(ConfigError, match="compose_candidates must be an integer"):
             FirstFrameSpec(text_encoder="minilm", compose="objects", compose_candidates=bad)
+        with pytest.raises(ConfigError, match="compose_layouts must be an integer"):
+            FirstFrameSpec(text_encoder="minilm", compose="objects", compose_layouts=bad)
+    with pytest.raises(ConfigError, match="candidates \\+ compose_layouts - 1 must be below"):
+        FirstFrameSpec(text_encoder="minilm", compose="objects", compose_layouts=8, candidates=9,
+                       matcher_path="m")
     with pytest.raises(ConfigError, match="needs the pipeline's VAE"):
         FirstFrameSampler(model, FirstFrameSpec(text_encoder="minilm", compose="objects"), HashText())

@@ -331,7 +331,8 @@ def test_composed_first_frame_in_a_pipeline_folder(tmp_path, tiny_parts, run_cli
         expected = pixels_to_frames(pipe.vae.decode(latents))
     np.testing.assert_array_equal(video, expected)
     rc, stdout, _ = run_cli("info", folder, "--json")
-    assert rc == 0 and "assembled by objects (2 samples per clause)" in json.loads(stdout)["pipeline"]["first_frame"]
+    described = json.loads(stdout)["pipeline"]["first_frame"]
+    assert rc == 0 and "assembled by objects (2 samples per clause, 1 layout)" in described
     data = json.loads((folder / "pipeline.json").read_text())
     (tmp_path / "pipeline.json").write_text(json.dumps({**data, "first_frame": {**data["first_frame"],
                                                                                   "text_encoder": None}}))

@@ -29,7 +29,9 @@ def test_recipe_runs_every_step_and_skips_finished_ones(tmp_path):
             seeds = json.loads((tmp_path / "eval" / model / "summary.json").read_text())["seeds"]
             assert len(seeds) == 2
             totals[model] = sum(s["in_distribution"]["total"] for s in seeds) / 2
-    from causal_forcing.pipelines.loading import load_pipeline
+    import dataclasses
+
+    from causal_forcing.pipelines.loading import bundled_folder, load_pipeline, read_pipeline_spec
     shipped = json.loads((tmp_path / "pipelines" / "shipped.json").read_text())
     for folder, mode in (("shapes_framewise", "framewise"), ("shapes_chunkwise", "chunkwise")):
         best = max((m for m in totals if m.endswith(mode)), key=totals.get)   # the best of its block size
@@ -40,6 +42,8 @@ def test_recipe_runs_every_step_and_skips_finished_ones(tmp_path):
         assert pipe.stream_config.block_size == block
         assert pipe.first_frame is not None and pipe.first_frame.model.config.abs_pos_freqs > 0   # the shared one
         assert pipe.first_frame.prefix_model is not None                        # and the shared prefix model
+        bundled = read_pipeline_spec(bundled_folder(name.replace("_", "-"))).first_frame   # as shipped
+        assert dataclasses.replace(pipe.first_frame.spec, steps=bundled.steps) == bundled
     report = tmp_path / "report"
     assert "dmd_self_forcing_ode_framewise" in (report / "scores.md").read_text()
     replica = json.loads((tmp_path / "eval" / "dmd_self_forcing_ode_framewise_train1" / "summary.json").read_text())

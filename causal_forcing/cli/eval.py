@@ -88,6 +88,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="causal kind: 'objects' assembles frame 0 of a multi-clause prompt object by object (the "
                         "whole caption's sample places them, each clause's own sample draws them; needs "
                         "--first-frame-text), 'none' keeps it as sampled (default: pipeline.json's)")
+    m.add_argument("--first-frame-compose-candidates", type=int, default=None, metavar="N",
+                   help="causal kind: samples of each clause for --first-frame-compose objects (the first with an "
+                        "object is drawn; default: pipeline.json's)")
+    m.add_argument("--first-frame-compose-layouts", type=int, default=None, metavar="N",
+                   help="causal kind: samples of the whole prompt tried in turn as the layout for "
+                        "--first-frame-compose objects (default: pipeline.json's)")
     m.add_argument("--no-first-frame", action="store_true",
                    help="causal kind: the student makes frame 0 too, even if --weights names a first-frame model")
     m.set_defaults(func=run_model)
@@ -149,7 +155,9 @@ def _first_frame(args: argparse.Namespace, device: Any, vae: Any = None) -> Any:
                  "frames": args.first_frame_frames, "text_encoder": args.first_frame_text,
                  "refine_steps": args.first_frame_refine, "prefix_path": prefix_path,  # not relative to --weights
                  "prefix_text_encoder": args.first_frame_prefix_text, "guidance": args.first_frame_guidance,
-                 "prefix_guidance": args.first_frame_prefix_guidance}
+                 "prefix_guidance": args.first_frame_prefix_guidance,
+                 "compose_candidates": args.first_frame_compose_candidates,
+                 "compose_layouts": args.first_frame_compose_layouts}
     compose = args.first_frame_compose
     if args.no_first_frame:
         if compose is not None:

@@ -35,11 +35,12 @@ noise is the stream's, rearranged (:func:`candidate_noise`), so a seed still giv
 not pay (docs/results.md, "Run 12"), and the bundled pipelines do not use it.
 
 Frame 0 of a prompt with several clauses may instead be assembled object by object (``"compose": "objects"``,
-:mod:`.compose`): the sample for the whole prompt gives where each object is, a sample of each clause alone
-(``compose_candidates`` tries, again the stream's noise rearranged) draws it. This needs the first-frame model's own
-text encoder (``text_encoder``, to encode each clause) and the pipeline's VAE (the assembly is done on pixels). It
-assumes ShapesWorld-like scenes (bright objects of distinct colours on a dark background) and keeps the sampled
-frame wherever it cannot assemble one; the bundled ShapesWorld pipelines use it (docs/results.md, "Run 13").
+:mod:`.compose`): a sample for the whole prompt gives where each object is (the first of ``compose_layouts``
+samples that the drawings fit), a sample of each clause alone (``compose_candidates`` tries) draws it; all of them
+from the stream's noise rearranged, and solved in one batch. This needs the first-frame model's own text encoder
+(``text_encoder``, to encode each clause) and the pipeline's VAE (the assembly is done on pixels). It assumes
+ShapesWorld-like scenes (bright objects of distinct colours on a dark background) and keeps the sampled frame
+wherever it cannot assemble one; the bundled ShapesWorld pipelines use it (docs/results.md, "Runs 13 and 14").
 """
 from __future__ import annotations
 
@@ -98,6 +99,7 @@ class FirstFrameSpec:
     matcher_path: str | None = None   # a text–frame matcher folder (models/matcher.py) that scores candidates
     compose: str | None = None   # "objects": frame 0 of a multi-clause prompt assembled object by object
     compose_candidates: int = 4  # samples per clause for "objects" (the first with an object is used)
+    compose_layouts: int = 1     # samples of the whole prompt tried as the layout (the first that assembles)
 
     @property
     def prefix_cfg(self) -> float:
@@ -151,6 +153,14 @@ class FirstFrameSpec:
                 or not 1 <= self.compose_candidates < MAX_CANDIDATES:
             raise ConfigError(f"first_frame.compose_candidates must be an integer from 1 to {MAX_CANDIDATES - 1}, "
                               f"got {self.compose_candidates!r}")
+        if isinstance(self.compose_layouts, bool) or not isinstance(self.compose_layouts, int) \
+                or not 1 <= self.compose_layouts < MAX_CANDIDATES:
+            raise ConfigError(f"first_frame.compose_layouts must be an integer from 1 to {MAX_CANDIDATES - 1}, "
+                              f"got {self.compose_layouts!r}")
+        if self.candidates + self.compose_layouts - 1 >= MAX_CANDIDATES:
+            raise ConfigError(f"first_frame.candidates + compose_layouts - 1 must be below {MAX_CANDIDATES} (the "
+                              f"distinct candidate noises, one left for the clauses), got "
+                              f"{self.candidates + self.compose_layouts - 1}")
 
 
 class FirstFrameSampler:
@@ -261,15 +271,17 @@ class FirstFrameSampler:
 
         Each prompt gets ``spec.candidates`` samples of the whole prompt (:func:`candidate_noise` 0..k-1; the
         matcher picks one when k > 1). With ``prompts`` (one per row; ``compose`` on), each prompt of several
-        clauses also gets ``spec.compose_candidates`` samples of every clause alone, from the candidate noises
-        after those, and its frame is assembled from the chosen sample (the layout) and the clause samples
-        (:func:`.compose.place_objects`): decoded, assembled and encoded again by the VAE. Rows with one clause,
-        or whose frame cannot be assembled, keep the chosen sample. Every sample is solved in one batch, so
-        assembling costs a wider batch, not a second solve."""
+        clauses also gets ``spec.compose_layouts - 1`` more samples of the whole prompt and
+        ``spec.compose_candidates`` samples of every clause alone, from the candidate noises after those, and its
+        frame is assembled (:func:`.compose.place_objects`) from the clause samples and the first of the whole
+        prompt's samples (the chosen one, then the others) that they fit: decoded, assembled and encoded again by
+        the VAE. Rows with one clause, or whose frame cannot be assembled, keep the chosen sample. Every sample is
+        solved in one batch, so assembling costs a wider batch, not a second solve."""
         k, batch = self.spec.candidates, noise.shape[0]
         starts = [candidate_noise(noise, i) for i in range(k)]                    # candidate-major
         contexts = [context.repeat(k, 1, 1)]
         plan: list[tuple[int, int, int]] = []                                      # (row, clauses, samples each)
+        extra = self.spec.compose_layouts - 1
         if prompts is not None:
             if len(prompts) != batch:
                 raise ValueError(f"{len(prompts)} prompts for a batch of {batch}")
@@ -277,22 +289,23 @@ class FirstFrameSampler:
                 raise ConfigError("composing frame 0 needs the pipeline's VAE and the first-frame model's text "
                                   "encoder")
             distinct = math.lcm(noise.shape[2], 4)
-            texts: list[str] = []
-            for row, prompt in enumerate(prompts):
-                clauses = split_clauses(prompt)
-                if len(clauses) < 2:
-                    continue
-                each = min(self.spec.compose_candidates, (distinct - k) // len(clauses))
-                if each < 1:
-                    continue
-                plan.append((row, len(clauses), each))
-                texts += clauses
-                starts += [candidate_noise(noise[row:row + 1], k + j * each + i)
-                           for j in range(len(clauses)) for i in range(each)]
-            if texts:
-                repeats = torch.tensor([each for _, n, each in plan for _ in range(n)])
-                contexts.append(self.text_encoder.encode(texts).float().to(context.device)
-                                .repeat_interleave(repeats.to(context.device), dim=0))
+            split = [(row, split_clauses(prompt)) for row, prompt in enumerate(prompts)]
+            split = [(row, clauses, min(self.spec.compose_candidates, (distinct - k - extra) // len(clauses)))
+                     for row, clauses in split if len(clauses) > 1]
+            split = [(row, clauses, each) for row, clauses, each in split if each >= 1]
+            if split:
+                encoded = self.text_encoder.encode([c for _, clauses, _ in split for c in clauses])
+                encoded = encoded.float().to(context.device)
+                at = 0
+                for row, clauses, each in split:              # per row: its other layouts, then its clauses
+                    n = len(clauses)
+                    starts += [candidate_noise(noise[row:row + 1], k + i) for i in range(extra)]
+                    starts += [candidate_noise(noise[row:row + 1], k + extra + j * each + i)
+                               for j in range(n) for i in range(each)]
+                    contexts += [context[row:row + 1].expand(extra, -1, -1),
+                                 encoded[at:at + n].repeat_interleave(each, dim=0)]
+                    plan.append((row, n, each))
+                    at += n
         frames = next(self._solve(self.model, torch.cat(contexts), torch.cat(starts)))
         first = frames[:k * batch]
         if k > 1:
@@ -305,41 +318,41 @@ class FirstFrameSampler:
         else:
             first = first.clone()
         if plan:
-            self._assemble(first, frames[k * batch:], plan)
+            self._assemble(first, frames[k * batch:], plan, extra)
         return first
 
-    def _assemble(self, first: Tensor, drawn: Tensor, plan: list[tuple[int, int, int]]) -> None:
-        """Replace, in place, the rows of ``first`` named by ``plan`` with their assembled frames; ``drawn`` holds
-        the clause samples in plan order (row by row, clause by clause, sample by sample). The layouts and each
-        clause's first sample are decoded in one call; a clause's later samples only when the ones before them
-        have no object (place_objects uses the first that has one)."""
-        rows = [row for row, _, _ in plan]
+    def _assemble(self, first: Tensor, drawn: Tensor, plan: list[tuple[int, int, int]], extra: int) -> None:
+        """Replace, in place, the rows of ``first`` named by ``plan`` with their assembled frames. ``drawn`` holds,
+        row by row in plan order, the row's ``extra`` other layouts, then its clause samples (clause by clause,
+        sample by sample). The layouts and each clause's first sample are decoded in one call; a clause's later
+        samples only when the ones before them have no object (place_objects uses the first that has one)."""
+        layouts: list[int] = []
         heads: list[int] = []
         at = 0
         for _, clauses, each in plan:
-            heads += [at + j * each for j in range(clauses)]
-            at += clauses * each
-        decoded = self._decode(torch.cat([first[rows], drawn[heads]]))
-        layouts, head_pixels = decoded[:len(rows)], iter(decoded[len(rows):])
+            layouts += range(at, at + extra)
+            heads += [at + extra + j * each for j in range(clauses)]
+            at += extra + clauses * each
+        rows = [row for row, _, _ in plan]
+        decoded = self._decode(torch.cat([first[rows], drawn[layouts], drawn[heads]]))
+        chosen, others = decoded[:len(rows)], decoded[len(rows):len(rows) + len(layouts)]
+        head_pixels = iter(decoded[len(rows) + len(layouts):])
         made: list[tuple[int, Tensor]] = []
         at = 0
-        for layout, (row, clauses, each) in zip(layouts, plan):
-            drawings = [self._candidates(next(head_pixels), drawn[at + j * each + 1:at + (j + 1) * each])
+        for n, (row, clauses, each) in enumerate(plan):
+            drawings = [_Drawings(self._decode, next(head_pixels),
+                                  drawn[at + extra + j * each + 1:at + extra + (j + 1) * each])
                         for j in range(clauses)]
-            at += clauses * each
-            frame = place_objects(layout, drawings)
-            if frame is not None:
-                made.append((row, frame))
+            at += extra + clauses * each
+            for layout in [chosen[n], *others[n * extra:(n + 1) * extra]]:
+                frame = place_objects(layout, drawings)
+                if frame is not None:
+                    made.append((row, frame))
+                    break
         if made:
             encoded = self._encode(torch.stack([frame for _, frame in made]))
             for (row, _), latent in zip(made, encoded):
                 first[row] = latent.to(first)
-
-    def _candidates(self, head: Tensor, rest: Tensor) -> Iterator[Tensor]:
-        """A clause's drawings: ``head`` (decoded), then each of ``rest`` (latent) decoded when it is asked for."""
-        yield head
-        for latent in rest:
-            yield self._decode(latent[None])[0]
 
     def _decode(self, latents: Tensor) -> Tensor:
         """Latent frames 0 [N, 1, C, h, w] -> pixel frames [N, 3, H, W] in [-1, 1] (float32, on the CPU)."""
@@ -361,6 +374,22 @@ class FirstFrameSampler:
                                      latent_hw=tuple(noise.shape[-2:]), steps=s.steps, shift=s.shift,
                                      guidance=guidance, solver=s.solver, noise=noise,  # type: ignore[arg-type]
                                      initial_latent=initial, batch_cfg=True)
+
+
+class _Drawings:
+    """A clause's samples as drawings ([3, H, W] each): the first given decoded, each later one decoded the first
+    time an iteration reaches it, and kept for the next."""
+
+    def __init__(self, decode: Any, head: Tensor, rest: Tensor):
+        self.decode, self.done, self.rest = decode, [head], rest
+
+    def __iter__(self) -> Iterator[Tensor]:
+        i = 0
+        while i < len(self.done) or i - 1 < len(self.rest):
+            if i == len(self.done):
+                self.done.append(self.decode(self.rest[i - 1][None])[0])
+            yield self.done[i]
+            i += 1
 
 
 class _PromptBound:
