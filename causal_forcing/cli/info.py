@@ -238,7 +238,8 @@ def describe_folder(folder: Path) -> dict[str, Any]:
                                                + (f", best of {ff.candidates} by {ff.matcher_path}"
                                                   if ff.candidates > 1 else "")
                                                + (f", frame 0 assembled by {ff.compose} ({ff.compose_candidates} "
-                                                  f"samples per clause, {ff.compose_layouts} layout"
+                                                  f"sample{'s' if ff.compose_candidates > 1 else ''} per clause, "
+                                                  f"{ff.compose_layouts} layout"
                                                   f"{'s' if ff.compose_layouts > 1 else ''})" if ff.compose else "")
                                                + ")")
     elif diffusers:
