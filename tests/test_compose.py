@@ -18,7 +18,7 @@ from causal_forcing.models.matcher import FrameTextMatcher, MatcherConfig
 from causal_forcing.models.text import split_clauses
 from causal_forcing.models.wan import WanDiT
 from causal_forcing.pipelines import first_frame as first_frame_module
-from causal_forcing.pipelines.compose import boxes_touch, object_box, place_objects
+from causal_forcing.pipelines.compose import Placement, boxes_touch, object_box, paint, place_layers, place_objects
 from causal_forcing.pipelines.first_frame import MAX_CANDIDATES, FirstFrameSampler, FirstFrameSpec, candidate_noise
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -73,6 +73,24 @@ def test_place_objects_declines_what_it_cannot_assemble():
         place_objects(layout[None], [[red]])
 
 
+def test_place_layers_hold_each_object_alone_and_paint_to_the_frame():
+    """Each layer is the world's render of its object alone at its layout place; painted over the background they
+    are place_objects' frame; painting a clip is painting each of its frames."""
+    layout = frame0(("small", "red", "circle", 40, 8), ("big", "blue", "circle", 6, 30))
+    red, blue = frame0((*RED, 10, 44)), frame0((*BLUE, 36, 2))
+    placement = place_layers(layout, [[red], [blue]])
+    assert placement is not None and len(placement.layers) == 2
+    for layer, alone in zip(placement.layers, (frame0((*RED, 40, 8)), frame0((*BLUE, 6, 30)))):
+        torch.testing.assert_close(paint(placement.background, [layer]), alone, atol=0, rtol=0)
+    torch.testing.assert_close(paint(placement.background, placement.layers), place_objects(layout, [[red], [blue]]),
+                               atol=0, rtol=0)
+    clips = [torch.stack([layer, layer.roll(3, -1)]) for layer in placement.layers]       # two frames each
+    painted = paint(placement.background, clips)
+    for t in range(2):
+        torch.testing.assert_close(painted[t], paint(placement.background, [c[t] for c in clips]), atol=0, rtol=0)
+    assert place_layers(layout, [[red], [frame0(("small", "green", "square", 20, 20))]]) is None
+
+
 def test_boxes_and_gaps():
     mask = torch.zeros(8, 10, dtype=torch.bool)
     assert object_box(mask) is None
@@ -109,17 +127,20 @@ class HashText:
 
 
 class PoolVAE:
-    """A stand-in VAE: 8x nearest upsampling of the first 3 channels, and 8x average pooling back."""
+    """A stand-in VAE, frame by frame (one pixel frame per latent frame): 8x nearest upsampling of the first 3
+    channels, and 8x average pooling back."""
 
     device = torch.device("cpu")
     dtype = torch.float32
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:          # [N, 1, C, h, w] -> [N, 1, 3, 8h, 8w]
-        return F.interpolate(latents[:, 0, :3], scale_factor=8, mode="nearest").clamp(-1, 1)[:, None]
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:          # [N, F, C, h, w] -> [N, F, 3, 8h, 8w]
+        up = F.interpolate(latents[:, :, :3].flatten(0, 1), scale_factor=8, mode="nearest").clamp(-1, 1)
+        return up.unflatten(0, latents.shape[:2])
 
-    def encode(self, pixels: torch.Tensor) -> torch.Tensor:           # [1, 1, 3, H, W] -> [1, 1, 8, H/8, W/8]
-        pooled = F.avg_pool2d(pixels[:, 0], 8)
-        return torch.cat([pooled, torch.zeros_like(pooled[:, :1]).expand(-1, 5, -1, -1)], dim=1)[:, None]
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:           # [N, T, 3, H, W] -> [N, T, 8, H/8, W/8]
+        pooled = F.avg_pool2d(pixels.flatten(0, 1), 8)
+        latents = torch.cat([pooled, torch.zeros_like(pooled[:, :1]).expand(-1, 5, -1, -1)], dim=1)
+        return latents.unflatten(0, pixels.shape[:2])
 
 
 def _matcher() -> FrameTextMatcher:
@@ -152,9 +173,11 @@ def test_composed_frame_zero_is_the_assembly_of_the_clause_samples(monkeypatch, 
 
     def fake_place(layout, drawings):
         seen.append((layout, [list(d) for d in drawings]))
-        return None if len(seen) == 2 else layout.flip(-1) * 0.5                # the second row is declined
+        if len(seen) == 2:                                                      # the second row is declined
+            return None
+        return Placement(layout.flip(-1) * 0.5, [])                            # paints to layout.flip(-1) * 0.5
 
-    monkeypatch.setattr(first_frame_module, "place_objects", fake_place)
+    monkeypatch.setattr(first_frame_module, "place_layers", fake_place)
     sampler = FirstFrameSampler(model, spec, text, vae=vae, matcher=matcher)
     plain = FirstFrameSampler(model, dataclasses.replace(spec, compose=None, candidates=1, matcher_path=None), text)
     noise = torch.randn(3, 1, 8, 4, 6, generator=torch.Generator().manual_seed(5))
@@ -203,6 +226,46 @@ def test_composed_frame_zero_is_the_assembly_of_the_clause_samples(monkeypatch, 
     torch.testing.assert_close(clip[:, 1:], expected[1], atol=1e-5, rtol=1e-5)
 
 
+def test_composed_prefix_continues_each_object_alone(monkeypatch):
+    """``compose_prefix``: a row whose frame 0 was assembled gets frames 1.. = encode(paint(background, decode(each
+    object's clip)))[1:], each clip being the prefix model's plain continuation of that object's layer alone, read
+    with its clause only, from candidate noise j; a one-clause row continues as without it. Against each clip solved
+    alone."""
+    model = fan_in_init(WanDiT(TINY_DIT), seed=2).eval()
+    prefix = fan_in_init(WanDiT(TINY_DIT), seed=4).eval()
+    text, vae = HashText(), PoolVAE()
+    spec = FirstFrameSpec(steps=3, guidance=2.0, solver="euler", text_encoder="minilm", compose="objects",
+                          compose_candidates=1, frames=3, prefix_path="prefix", prefix_text_encoder="minilm-clauses",
+                          prefix_guidance=1.5, compose_prefix=True)
+    prompts = ["a red circle and a blue square", "a green triangle"]
+    generator = torch.Generator().manual_seed(8)
+    background = torch.full((3, 32, 48), -0.8)
+    layers = [torch.rand(3, 32, 48, generator=generator) * 2 - 1 for _ in range(2)]
+    monkeypatch.setattr(first_frame_module, "place_layers", lambda layout, drawings: Placement(background, layers))
+    sampler = FirstFrameSampler(model, spec, text, prefix_model=prefix, prefix_text_encoder=text, vae=vae)
+    plain = FirstFrameSampler(model, dataclasses.replace(spec, compose=None, compose_prefix=False), text,
+                              prefix_model=prefix, prefix_text_encoder=text)
+    noise = torch.randn(2, 3, 8, 4, 6, generator=generator)
+    context = text.encode(prompts)
+    with torch.no_grad():
+        out = sampler.for_prompts(prompts)(context, noise)
+        reference = plain.for_prompts(prompts[1:])(context[1:], noise[1:])
+        clips = []
+        for j, clause in enumerate(split_clauses(prompts[0])):
+            start = vae.encode(paint(background, [layers[j]])[None, None])
+            solved = plain._solve(prefix, text.encode([clause]), candidate_noise(noise[:1, 1:], j), initial=start,
+                                  guidance=1.5)
+            clips.append(vae.decode(torch.cat(list(solved), dim=1))[0])
+        expected = vae.encode(paint(background, clips)[None])
+    torch.testing.assert_close(out[:1, :1], vae.encode(paint(background, layers)[None, None]), atol=0, rtol=0)
+    torch.testing.assert_close(out[:1, 1:], expected[:, 1:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[1:], reference, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():                       # not what continuing the assembled frame as a whole gives
+        whole = list(plain._solve(prefix, text.encode(prompts[:1]), noise[:1, 1:], initial=out[:1, :1],
+                                  guidance=1.5))[1:]
+    assert not torch.allclose(out[:1, 1:], torch.cat(whole, dim=1), atol=1e-3)
+
+
 def test_compose_settings_are_validated():
     model = fan_in_init(WanDiT(TINY_DIT), seed=2).eval()
     with pytest.raises(ConfigError, match="compose must be one of objects"):
@@ -217,5 +280,11 @@ def test_compose_settings_are_validated():
     with pytest.raises(ConfigError, match="candidates \\+ compose_layouts - 1 must be below"):
         FirstFrameSpec(text_encoder="minilm", compose="objects", compose_layouts=8, candidates=9,
                        matcher_path="m")
+    with pytest.raises(ConfigError, match="compose_prefix needs first_frame.compose and frames >= 2"):
+        FirstFrameSpec(text_encoder="minilm", compose="objects", compose_prefix=True)
+    with pytest.raises(ConfigError, match="compose_prefix needs first_frame.prefix_text_encoder"):
+        FirstFrameSpec(text_encoder="minilm", compose="objects", compose_prefix=True, frames=2, prefix_path="p")
+    with pytest.raises(ConfigError, match="compose_prefix must be true or false"):
+        FirstFrameSpec(text_encoder="minilm", compose="objects", compose_prefix="yes", frames=2)
     with pytest.raises(ConfigError, match="needs the pipeline's VAE"):
         FirstFrameSampler(model, FirstFrameSpec(text_encoder="minilm", compose="objects"), HashText())

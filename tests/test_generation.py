@@ -304,9 +304,11 @@ def test_best_of_n_first_frame_in_a_pipeline_folder(tmp_path, tiny_parts, run_cl
         read_pipeline_spec(tmp_path)
 
 
-def test_composed_first_frame_in_a_pipeline_folder(tmp_path, tiny_parts, run_cli):
-    """``first_frame.compose: objects``: the loaded sampler gets the pipeline's VAE, a stream of a two-clause prompt
-    equals the engine run by hand with that sampler bound to the prompt, and ``info`` names the setting."""
+@pytest.mark.parametrize("compose_prefix", [False, True])
+def test_composed_first_frame_in_a_pipeline_folder(tmp_path, tiny_parts, run_cli, compose_prefix):
+    """``first_frame.compose: objects`` (and ``compose_prefix``): the loaded sampler gets the pipeline's VAE, a
+    stream of a two-clause prompt equals the engine run by hand with that sampler bound to the prompt, and ``info``
+    names the setting."""
     import dataclasses
 
     from causal_forcing.models.text import build_text_encoder
@@ -315,7 +317,7 @@ def test_composed_first_frame_in_a_pipeline_folder(tmp_path, tiny_parts, run_cli
     dit, autoencoder = tiny_parts
     first = fan_in_init(WanDiT(TINY_DIT.replace(abs_pos_freqs=2)), seed=3).eval()
     ff = FirstFrameSpec(steps=3, guidance=2.0, solver="euler", text_encoder="minilm", compose="objects",
-                        compose_candidates=2)
+                        compose_candidates=2, compose_prefix=compose_prefix, frames=2 if compose_prefix else 1)
     spec = dataclasses.replace(SPEC, first_frame=ff)
     folder = save_pipeline_folder(tmp_path / "c", spec, dit, vae=autoencoder, first_frame=first)
     assert read_pipeline_spec(folder) == spec
@@ -332,7 +334,8 @@ def test_composed_first_frame_in_a_pipeline_folder(tmp_path, tiny_parts, run_cli
     np.testing.assert_array_equal(video, expected)
     rc, stdout, _ = run_cli("info", folder, "--json")
     described = json.loads(stdout)["pipeline"]["first_frame"]
-    assert rc == 0 and "assembled by objects (2 samples per clause, 1 layout)" in described
+    assert rc == 0 and "assembled by objects (2 samples per clause, 1 layout" in described
+    assert ("prefix too" in described) == compose_prefix
     data = json.loads((folder / "pipeline.json").read_text())
     (tmp_path / "pipeline.json").write_text(json.dumps({**data, "first_frame": {**data["first_frame"],
                                                                                   "text_encoder": None}}))

@@ -387,6 +387,11 @@ def test_cli_eval_model_scores_a_checkpoint(tmp_path, capsys, monkeypatch):
                  "--vae", str(tmp_path / "vae"), "--limit", "2", "--out", str(tmp_path / "causal_c"),
                  "--first-frame-compose", "objects", "--first-frame-text", "minilm"]) == 0
     assert (tmp_path / "causal_c" / "scores.json").is_file()
+    assert main(["eval", "model", "--weights", "pipe", "--kind", "causal", "--manifest", str(manifest), "--steps", "2",
+                 "--vae", str(tmp_path / "vae"), "--limit", "2", "--out", str(tmp_path / "causal_cp"),
+                 "--first-frame-compose", "objects", "--first-frame-text", "minilm", "--first-frame-compose-layouts",
+                 "2", "--first-frame-compose-candidates", "1", "--first-frame-compose-prefix", "on"]) == 0
+    assert (tmp_path / "causal_cp" / "scores.json").is_file()
     capsys.readouterr()
     bads = [["--weights", str(tmp_path / "missing")], ["--limit", "0"], ["--block-size", "0"], ["--device", "gpu0"],
             ["--first-frame", str(tmp_path / "missing")], ["--first-frame", str(tmp_path / "ff"), "--no-first-frame"],
@@ -402,7 +407,10 @@ def test_cli_eval_model_scores_a_checkpoint(tmp_path, capsys, monkeypatch):
             ["--first-frame", str(tmp_path / "ff"), "--first-frame-candidates", "2", "--first-frame-matcher",
              str(tmp_path / "missing")],
             ["--first-frame", str(tmp_path / "ff"), "--first-frame-compose", "objects"],      # no own text encoder
-            ["--first-frame-compose", "objects", "--first-frame-text", "minilm", "--no-first-frame"]]
+            ["--first-frame-compose", "objects", "--first-frame-text", "minilm", "--no-first-frame"],
+            ["--first-frame", str(tmp_path / "ff"), "--first-frame-compose-prefix", "on"],     # nothing assembled
+            ["--first-frame", str(tmp_path / "ff"), "--first-frame-compose", "objects", "--first-frame-text",
+             "minilm", "--first-frame-compose-layouts", "0"]]
     if not torch.cuda.is_available():
         bads.append(["--device", "cuda"])
     for bad in bads:

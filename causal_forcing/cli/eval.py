@@ -94,6 +94,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     m.add_argument("--first-frame-compose-layouts", type=int, default=None, metavar="N",
                    help="causal kind: samples of the whole prompt tried in turn as the layout for "
                         "--first-frame-compose objects (default: pipeline.json's)")
+    m.add_argument("--first-frame-compose-prefix", choices=("on", "off"), default=None,
+                   help="causal kind: 'on' also continues an assembled frame 0 object by object (each object alone "
+                        "with its own clause, the clips painted together) for the rest of the prefix (default: "
+                        "pipeline.json's)")
     m.add_argument("--no-first-frame", action="store_true",
                    help="causal kind: the student makes frame 0 too, even if --weights names a first-frame model")
     m.set_defaults(func=run_model)
@@ -157,7 +161,9 @@ def _first_frame(args: argparse.Namespace, device: Any, vae: Any = None) -> Any:
                  "prefix_text_encoder": args.first_frame_prefix_text, "guidance": args.first_frame_guidance,
                  "prefix_guidance": args.first_frame_prefix_guidance,
                  "compose_candidates": args.first_frame_compose_candidates,
-                 "compose_layouts": args.first_frame_compose_layouts}
+                 "compose_layouts": args.first_frame_compose_layouts,
+                 "compose_prefix": None if args.first_frame_compose_prefix is None
+                 else args.first_frame_compose_prefix == "on"}
     compose = args.first_frame_compose
     if args.no_first_frame:
         if compose is not None:
@@ -177,6 +183,8 @@ def _first_frame(args: argparse.Namespace, device: Any, vae: Any = None) -> Any:
         return None
     if compose is not None:
         overrides["compose"] = None if compose == "none" else compose
+        if compose == "none" and overrides["compose_prefix"] is None:
+            overrides["compose_prefix"] = False          # nothing assembled, nothing to continue by object
     try:
         spec = dataclasses.replace(spec, **{k: v for k, v in overrides.items()
                                             if v is not None or (k == "compose" and compose is not None)})

@@ -240,7 +240,9 @@ def describe_folder(folder: Path) -> dict[str, Any]:
                                                + (f", frame 0 assembled by {ff.compose} ({ff.compose_candidates} "
                                                   f"sample{'s' if ff.compose_candidates > 1 else ''} per clause, "
                                                   f"{ff.compose_layouts} layout"
-                                                  f"{'s' if ff.compose_layouts > 1 else ''})" if ff.compose else "")
+                                                  f"{'s' if ff.compose_layouts > 1 else ''}"
+                                                  f"{', prefix too' if ff.compose_prefix else ''})"
+                                                  if ff.compose else "")
                                                + ")")
     elif diffusers:
         kind = "diffusers WanTransformer3DModel folder"

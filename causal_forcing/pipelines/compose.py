@@ -10,6 +10,10 @@ can be put together from both (docs/results.md, "Run 13"):
 3. every drawing is moved so that its object sits where the layout has the object of the same colour, and the
    moved objects are painted on the background in clause order.
 
+The same layers can carry on past frame 0 (``first_frame.compose_prefix``, pipelines/first_frame.py): each object
+alone on the background (its layer, :func:`place_layers`) is continued by the prefix model with its own clause,
+and the per-object clips are painted together frame by frame (:func:`paint`).
+
 No attribute is read from the caption (the clause samples carry colour, shape and size; the layout carries
 place), and nothing is learned here. It assumes what ShapesWorld scenes are: objects of distinct, bright colours
 on a dark, flat background, not overlapping at frame 0. Where that does not hold for a frame (a colour of the
@@ -21,6 +25,7 @@ Pixels here are ``[3, H, W]`` in [-1, 1], as the VAE decodes them.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -54,24 +59,52 @@ def boxes_touch(a: Box, b: Box, gap: int = MIN_GAP) -> bool:
     return not (a[1] + gap < b[0] or b[1] + gap < a[0] or a[3] + gap < b[2] or b[3] + gap < a[2])
 
 
+class Placement(NamedTuple):
+    """Where :func:`place_layers` put the objects: the layout's flat ``background`` [3, H, W] and, per clause in
+    order, its drawing shifted to its place (``layers``, each [3, H, W], the drawing's own background moved with it).
+    """
+
+    background: Tensor
+    layers: list[Tensor]
+
+
+def paint(background: Tensor, layers: Sequence[Tensor]) -> Tensor:
+    """``layers`` painted over ``background`` in order, each pixel taken from the brightest so far (so the dim rims
+    around one object do not cut into another). Works on frames [3, H, W] and on clips [T, 3, H, W] alike (the
+    background is broadcast)."""
+    canvas = background.float().expand_as(layers[0]).clone() if layers else background.float().clone()
+    for layer in layers:
+        brighter = _rgb(layer).amax(dim=-3, keepdim=True) > _rgb(canvas).amax(dim=-3, keepdim=True)
+        canvas = torch.where(brighter, layer.float(), canvas)
+    return canvas
+
+
 def place_objects(layout: Tensor, drawings: Sequence[Iterable[Tensor]]) -> Tensor | None:
     """Frame 0 assembled from ``layout`` [3, H, W] (the sample for the whole caption) and, for each clause in
     order, its candidate drawings (each [3, H, W], the clause sampled alone; an iterable, read only as far as the
-    first drawing that has an object); None where it cannot be assembled.
+    first drawing that has an object); None where it cannot be assembled: :func:`place_layers`, painted."""
+    placement = place_layers(layout, drawings)
+    return None if placement is None else paint(placement.background, placement.layers)
+
+
+def place_layers(layout: Tensor, drawings: Sequence[Iterable[Tensor]]) -> Placement | None:
+    """Each clause's drawing moved to its place in ``layout`` [3, H, W] (arguments as :func:`place_objects`);
+    None where the frame cannot be assembled.
 
     For each clause the first candidate that has an object is used: the object's mean colour finds the layout's
     pixels of that colour, and the drawing is shifted (whole pixels) so that its object's box is centred on theirs,
-    kept inside the frame. Objects are painted over the layout's background colour (its darkest pixel, a flat
-    background) in clause order, each pixel taken from the brightest layer, so the dim rims around objects do not
-    cut into a neighbour."""
+    kept inside the frame. The background is the layout's darkest pixel (a flat background). It declines when a
+    colour is missing from the layout, a clause has no drawing with an object, or two moved objects' boxes would
+    touch."""
     if layout.dim() != 3 or layout.shape[0] != 3:
         raise ValueError(f"layout must be [3, H, W], got {list(layout.shape)}")
     height, width = layout.shape[-2:]
     layout_rgb = _rgb(layout)
     layout_objects = layout_rgb.amax(dim=0) > OBJECT_LEVEL
     darkest = layout_rgb.sum(dim=0).flatten().argmin()
-    canvas = layout.float().flatten(1)[:, darkest].view(3, 1, 1).expand(3, height, width).clone()
+    background = layout.float().flatten(1)[:, darkest].view(3, 1, 1).expand(3, height, width)
     placed: list[Box] = []
+    layers: list[Tensor] = []
     for candidates in drawings:
         found = None
         for candidate in candidates:                  # the first drawing that has an object
@@ -97,7 +130,5 @@ def place_objects(layout: Tensor, drawings: Sequence[Iterable[Tensor]]) -> Tenso
         if any(boxes_touch(moved_box, other) for other in placed):
             return None
         placed.append(moved_box)
-        moved = torch.roll(drawing.float(), shifts=(dy, dx), dims=(-2, -1))
-        brighter = _rgb(moved).amax(dim=0) > _rgb(canvas).amax(dim=0)
-        canvas = torch.where(brighter, moved, canvas)
-    return canvas
+        layers.append(torch.roll(drawing.float(), shifts=(dy, dx), dims=(-2, -1)))
+    return Placement(background, layers)

@@ -41,6 +41,8 @@ from the stream's noise rearranged, and solved in one batch. This needs the firs
 (``text_encoder``, to encode each clause) and the pipeline's VAE (the assembly is done on pixels). It assumes
 ShapesWorld-like scenes (bright objects of distinct colours on a dark background) and keeps the sampled frame
 wherever it cannot assemble one; the bundled ShapesWorld pipelines use it (docs/results.md, "Runs 13 and 14").
+With ``compose_prefix`` the rest of the prefix of an assembled frame 0 is made object by object as well: each
+object alone, continued with its own clause, the clips painted together (:meth:`FirstFrameSampler._compose_prefix`).
 """
 from __future__ import annotations
 
@@ -56,7 +58,7 @@ from ..errors import ConfigError
 from ..models.matcher import FrameTextMatcher
 from ..models.text import split_clauses
 from ..models.wan import WanDiT
-from .compose import place_objects
+from .compose import Placement, paint, place_layers
 from .teacher import autoregressive_blocks
 
 SOLVERS = ("unipc", "euler")
@@ -100,6 +102,7 @@ class FirstFrameSpec:
     compose: str | None = None   # "objects": frame 0 of a multi-clause prompt assembled object by object
     compose_candidates: int = 4  # samples per clause for "objects" (the first with an object is used)
     compose_layouts: int = 1     # samples of the whole prompt tried as the layout (the first that assembles)
+    compose_prefix: bool = False  # frames 1..frames-1 of an assembled frame 0 continued object by object too
 
     @property
     def prefix_cfg(self) -> float:
@@ -157,6 +160,14 @@ class FirstFrameSpec:
                 or not 1 <= self.compose_layouts < MAX_CANDIDATES:
             raise ConfigError(f"first_frame.compose_layouts must be an integer from 1 to {MAX_CANDIDATES - 1}, "
                               f"got {self.compose_layouts!r}")
+        if not isinstance(self.compose_prefix, bool):
+            raise ConfigError(f"first_frame.compose_prefix must be true or false, got {self.compose_prefix!r}")
+        if self.compose_prefix:
+            if self.compose is None or self.frames < 2:
+                raise ConfigError("first_frame.compose_prefix needs first_frame.compose and frames >= 2")
+            if self.prefix_path is not None and self.prefix_text_encoder is None:
+                raise ConfigError("first_frame.compose_prefix needs first_frame.prefix_text_encoder (the prefix "
+                                  "model encodes each clause alone)")
         if self.candidates + self.compose_layouts - 1 >= MAX_CANDIDATES:
             raise ConfigError(f"first_frame.candidates + compose_layouts - 1 must be below {MAX_CANDIDATES} (the "
                               f"distinct candidate noises, one left for the clauses), got "
@@ -245,8 +256,10 @@ class FirstFrameSampler:
         if noise.dim() != 5 or noise.shape[1] < 1:
             raise ValueError(f"first-frame noise must be [B, n, C, H, W] with n >= 1, got {list(noise.shape)}")
         n = noise.shape[1]
+        placements: dict[int, Placement] = {}
         if self.spec.candidates > 1 or (self.spec.compose is not None and prompts is not None):
-            first = self.first_frame(context, noise[:, :1], prompts if self.spec.compose is not None else None)
+            first, placements = self._first_frame(context, noise[:, :1],
+                                                  prompts if self.spec.compose is not None else None)
             yield first
         else:
             first = None
@@ -256,6 +269,13 @@ class FirstFrameSampler:
             if self.prefix_model is None:
                 return
         if n == 1:
+            return
+        if self.spec.compose_prefix and placements:
+            assert prompts is not None
+            later_frames = self._compose_prefix(first, prefix_context if self.prefix_model else context,
+                                                noise[:, 1:], prompts, placements)
+            for i in range(later_frames.shape[1]):
+                yield later_frames[:, i:i + 1]
             return
         if self.prefix_model is None:       # frame 0 chosen or assembled: the first-frame model goes on from it
             later = self._solve(self.model, context, noise[:, 1:], initial=first)
@@ -277,6 +297,11 @@ class FirstFrameSampler:
         prompt's samples (the chosen one, then the others) that they fit: decoded, assembled and encoded again by
         the VAE. Rows with one clause, or whose frame cannot be assembled, keep the chosen sample. Every sample is
         solved in one batch, so assembling costs a wider batch, not a second solve."""
+        return self._first_frame(context, noise, prompts)[0]
+
+    def _first_frame(self, context: Tensor, noise: Tensor,
+                     prompts: Sequence[str] | None) -> tuple[Tensor, dict[int, Placement]]:
+        """:meth:`first_frame`, and where each assembled row's objects were placed (by row)."""
         k, batch = self.spec.candidates, noise.shape[0]
         starts = [candidate_noise(noise, i) for i in range(k)]                    # candidate-major
         contexts = [context.repeat(k, 1, 1)]
@@ -317,12 +342,13 @@ class FirstFrameSampler:
             first = first.view(k, batch, *first.shape[1:])[best, torch.arange(batch, device=first.device)]
         else:
             first = first.clone()
-        if plan:
-            self._assemble(first, frames[k * batch:], plan, extra)
-        return first
+        placements = self._assemble(first, frames[k * batch:], plan, extra) if plan else {}
+        return first, placements
 
-    def _assemble(self, first: Tensor, drawn: Tensor, plan: list[tuple[int, int, int]], extra: int) -> None:
-        """Replace, in place, the rows of ``first`` named by ``plan`` with their assembled frames. ``drawn`` holds,
+    def _assemble(self, first: Tensor, drawn: Tensor, plan: list[tuple[int, int, int]],
+                  extra: int) -> dict[int, Placement]:
+        """Replace, in place, the rows of ``first`` named by ``plan`` with their assembled frames, and return where
+        the objects of each assembled row were placed. ``drawn`` holds,
         row by row in plan order, the row's ``extra`` other layouts, then its clause samples (clause by clause,
         sample by sample). The layouts and each clause's first sample are decoded in one call; a clause's later
         samples only when the ones before them have no object (place_objects uses the first that has one)."""
@@ -337,7 +363,7 @@ class FirstFrameSampler:
         decoded = self._decode(torch.cat([first[rows], drawn[layouts], drawn[heads]]))
         chosen, others = decoded[:len(rows)], decoded[len(rows):len(rows) + len(layouts)]
         head_pixels = iter(decoded[len(rows) + len(layouts):])
-        made: list[tuple[int, Tensor]] = []
+        made: dict[int, Placement] = {}
         at = 0
         for n, (row, clauses, each) in enumerate(plan):
             drawings = [_Drawings(self._decode, next(head_pixels),
@@ -345,14 +371,53 @@ class FirstFrameSampler:
                         for j in range(clauses)]
             at += extra + clauses * each
             for layout in [chosen[n], *others[n * extra:(n + 1) * extra]]:
-                frame = place_objects(layout, drawings)
-                if frame is not None:
-                    made.append((row, frame))
+                placement = place_layers(layout, drawings)
+                if placement is not None:
+                    made[row] = placement
                     break
         if made:
-            encoded = self._encode(torch.stack([frame for _, frame in made]))
-            for (row, _), latent in zip(made, encoded):
+            encoded = self._encode(torch.stack([paint(p.background, p.layers) for p in made.values()]))
+            for row, latent in zip(made, encoded):
                 first[row] = latent.to(first)
+        return made
+
+    def _compose_prefix(self, first: Tensor, context: Tensor, noise: Tensor, prompts: Sequence[str],
+                        placements: dict[int, Placement]) -> Tensor:
+        """Latent frames 1..n [B, n, C, h, w] after frame 0 ``first`` [B, 1, C, h, w], from ``noise`` [B, n, C, h, w].
+
+        Rows in ``placements`` (frame 0 assembled) are continued object by object: each clause's object alone on
+        the background (its layer) is encoded, and the prefix model (else the first-frame model) continues it
+        reading only that clause, from :func:`candidate_noise` ``j`` of the row's noise for clause ``j``; the
+        per-object clips are decoded, painted over the background (:func:`.compose.paint`) and encoded again.
+        Other rows continue from ``first`` as usual (``context``: the continuing model's embeddings). All of it is
+        one batched solve."""
+        model, encoder = ((self.prefix_model, self.prefix_text_encoder) if self.prefix_model is not None
+                          else (self.model, self.text_encoder))
+        guidance = self.spec.prefix_cfg if self.prefix_model is not None else self.spec.guidance
+        rows = sorted(placements)
+        plain = [row for row in range(first.shape[0]) if row not in placements]
+        alone = [paint(placements[row].background, [layer]) for row in rows for layer in placements[row].layers]
+        clauses = [clause for row in rows for clause in split_clauses(prompts[row])]
+        if len(clauses) != len(alone):
+            raise ValueError("a placement has a layer for every clause of its prompt")
+        starts = [noise[plain]] + [candidate_noise(noise[row:row + 1], j)
+                                   for row in rows for j in range(len(placements[row].layers))]
+        initial = torch.cat([first[plain], self._encode(torch.stack(alone)).to(first)])
+        contexts = torch.cat([context[plain].to(first.device),
+                              encoder.encode(clauses).float().to(first.device)])
+        solved = torch.cat(list(self._solve(model, contexts, torch.cat(starts), initial=initial,
+                                            guidance=guidance)), dim=1)          # [rows, 1 + n, C, h, w]
+        out = torch.empty_like(noise)
+        out[plain] = solved[:len(plain), 1:]
+        clips = self.vae.decode(solved[len(plain):].to(self.vae.device, self.vae.dtype)).float().cpu()
+        composites, at = [], 0
+        for row in rows:
+            k = len(placements[row].layers)
+            composites.append(paint(placements[row].background, list(clips[at:at + k])))
+            at += k
+        encoded = self.vae.encode(torch.stack(composites).to(self.vae.device, self.vae.dtype)).float()
+        out[rows] = encoded[:, 1:].to(out)
+        return out
 
     def _decode(self, latents: Tensor) -> Tensor:
         """Latent frames 0 [N, 1, C, h, w] -> pixel frames [N, 3, H, W] in [-1, 1] (float32, on the CPU)."""

@@ -54,6 +54,9 @@ FIRST_FRAME_TEXT = "minilm"
 FIRST_FRAME_COMPOSE = "objects"
 FIRST_FRAME_COMPOSE_CANDIDATES = 1
 FIRST_FRAME_COMPOSE_LAYOUTS = 3
+#: ... and the rest of the prefix made object by object too: each object continued alone with its own clause
+#: (docs/results.md, "Run 14").
+FIRST_FRAME_COMPOSE_PREFIX = True
 #: The prefix model's own text encoder: each clause of a caption encoded alone (models/text.py).
 PREFIX_TEXT = "minilm-clauses"
 #: CFG scales when there is a prefix model: the first-frame model's, and the prefix model's (docs/results.md, "Run
@@ -374,7 +377,8 @@ class ShapesRecipe:
             save_model_folder(state, config, pipes / "shapes_prefix")
             with_prefix = dataclasses.replace(first_frame, frames=PREFIX_FRAMES, prefix_path="../shapes_prefix",
                                               prefix_text_encoder=PREFIX_TEXT, guidance=PREFIX_PIPELINE_GUIDANCE,
-                                              prefix_guidance=PREFIX_GUIDANCE)
+                                              prefix_guidance=PREFIX_GUIDANCE,
+                                              compose_prefix=FIRST_FRAME_COMPOSE_PREFIX)
         else:
             missing.append("shapes_prefix")
         for folder, (model, block) in chosen.items():
