@@ -323,6 +323,7 @@ def test_composed_first_frame_in_a_pipeline_folder(tmp_path, tiny_parts, run_cli
     assert read_pipeline_spec(folder) == spec
     pipe = load_pipeline(folder)
     assert pipe.first_frame.vae is pipe.vae
+    assert ("object by object" in pipe.description) == compose_prefix
     prompt = "a red circle moving right and a big blue square standing still"
     with pipe.stream(prompt, seed=3) as stream:
         video = np.concatenate(list(stream))

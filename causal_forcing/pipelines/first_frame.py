@@ -348,10 +348,10 @@ class FirstFrameSampler:
     def _assemble(self, first: Tensor, drawn: Tensor, plan: list[tuple[int, int, int]],
                   extra: int) -> dict[int, Placement]:
         """Replace, in place, the rows of ``first`` named by ``plan`` with their assembled frames, and return where
-        the objects of each assembled row were placed. ``drawn`` holds,
-        row by row in plan order, the row's ``extra`` other layouts, then its clause samples (clause by clause,
-        sample by sample). The layouts and each clause's first sample are decoded in one call; a clause's later
-        samples only when the ones before them have no object (place_objects uses the first that has one)."""
+        the objects of each assembled row were placed. ``drawn`` holds, row by row in plan order, the row's
+        ``extra`` other layouts, then its clause samples (clause by clause, sample by sample). The layouts and each
+        clause's first sample are decoded in one call; a clause's later samples only when the ones before them have
+        no object (place_layers uses the first that has one)."""
         layouts: list[int] = []
         heads: list[int] = []
         at = 0

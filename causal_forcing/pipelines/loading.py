@@ -450,10 +450,12 @@ def load_pipeline(model: str | Path | None = None, *, base: str | Path | None = 
     if first_frame is not None:
         ff = spec.first_frame
         what += f" + first-frame model ({ff.steps} steps" + (", objects assembled)" if ff.compose else ")")
+        by_object = ", object by object" if ff.compose_prefix else ""
         if ff.prefix_path is not None:
-            what += " + prefix model (" + ("frame 1" if ff.frames == 2 else f"frames 1-{ff.frames - 1}") + ")"
+            what += (" + prefix model (" + ("frame 1" if ff.frames == 2 else f"frames 1-{ff.frames - 1}")
+                     + by_object + ")")
         elif ff.frames > 1:
-            what += f" for frames 0-{ff.frames - 1}"
+            what += f" for frames 0-{ff.frames - 1}" + by_object
     return VideoPipeline(dit, text_encoder, vae, stream_config=spec.stream_config(), latent_hw=spec.latent_hw,
                          fps=spec.fps, default_frames=spec.num_frames, device=dev, dtype=dt, vae_dtype=vae_dtype,
                          offload=offload, pix_fmt=spec.pix_fmt, description=what, first_frame=first_frame)
