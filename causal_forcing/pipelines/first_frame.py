@@ -47,7 +47,7 @@ object alone, continued with its own clause, the clips painted together (:meth:`
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -370,16 +370,22 @@ class FirstFrameSampler:
                                   drawn[at + extra + j * each + 1:at + extra + (j + 1) * each])
                         for j in range(clauses)]
             at += extra + clauses * each
-            for layout in [chosen[n], *others[n * extra:(n + 1) * extra]]:
-                placement = place_layers(layout, drawings)
-                if placement is not None:
-                    made[row] = placement
-                    break
+            placement = self._choose_layout([chosen[n], *others[n * extra:(n + 1) * extra]], drawings)
+            if placement is not None:
+                made[row] = placement
         if made:
             encoded = self._encode(torch.stack([paint(p.background, p.layers) for p in made.values()]))
             for row, latent in zip(made, encoded):
                 first[row] = latent.to(first)
         return made
+
+    def _choose_layout(self, layouts: Sequence[Tensor], drawings: Sequence[Iterable[Tensor]]) -> Placement | None:
+        """The placement on the first of ``layouts`` (decoded frames [3, H, W]) that ``drawings`` fit."""
+        for layout in layouts:
+            placement = place_layers(layout, drawings)
+            if placement is not None:
+                return placement
+        return None
 
     def _compose_prefix(self, first: Tensor, context: Tensor, noise: Tensor, prompts: Sequence[str],
                         placements: dict[int, Placement]) -> Tensor:

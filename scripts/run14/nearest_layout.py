@@ -2,58 +2,36 @@
 drawings least (each clause sample alone puts its object where its own caption implies; a layout that agrees
 with them binds each object's place to the right clause).
 
-Same arguments as `causal-forcing eval model`; the sampler's layout choice is patched for this process only.
+Same arguments as `causal-forcing eval model`; the sampler's layout choice (`FirstFrameSampler._choose_layout`) is
+patched for this process only. (As run, the script patched the whole `_assemble` loop with the same rule; it was
+cut down to the one method when the library grew it.)
 """
 import sys
-
-import torch
 
 from causal_forcing.cli import main
 from causal_forcing.pipelines import compose
 from causal_forcing.pipelines import first_frame as ff
 
-def place_with_cost(layout, drawings):
-    """place_objects, and the summed distance (pixels) each drawing's box centre was moved (read off the shifts
-    it hands torch.roll, patched for the call)."""
-    moved = []
-    original_roll = torch.roll
 
-    def roll(x, shifts, dims):
-        moved.append((shifts[0] ** 2 + shifts[1] ** 2) ** 0.5)
-        return original_roll(x, shifts=shifts, dims=dims)
-
-    compose.torch.roll = roll
-    try:
-        frame = compose.place_objects(layout, drawings)
-    finally:
-        compose.torch.roll = original_roll
-    return frame, sum(moved)
+def box_of(frame):
+    return compose.object_box(compose._rgb(frame).amax(dim=0) > compose.OBJECT_LEVEL)
 
 
-def assemble(self, first, drawn, plan, extra):
-    layouts, heads, at = [], [], 0
-    for _, clauses, each in plan:
-        layouts += range(at, at + extra)
-        heads += [at + extra + j * each for j in range(clauses)]
-        at += extra + clauses * each
-    rows = [row for row, _, _ in plan]
-    decoded = self._decode(torch.cat([first[rows], drawn[layouts], drawn[heads]]))
-    chosen, others = decoded[:len(rows)], decoded[len(rows):len(rows) + len(layouts)]
-    head_pixels = iter(decoded[len(rows) + len(layouts):])
-    made, at = [], 0
-    for n, (row, clauses, each) in enumerate(plan):
-        drawings = [ff._Drawings(self._decode, next(head_pixels),
-                                 drawn[at + extra + j * each + 1:at + extra + (j + 1) * each]) for j in range(clauses)]
-        at += extra + clauses * each
-        tries = [place_with_cost(layout, drawings) for layout in [chosen[n], *others[n * extra:(n + 1) * extra]]]
-        tries = [t for t in tries if t[0] is not None]
-        if tries:
-            made.append((row, min(tries, key=lambda t: t[1])[0]))
-    if made:
-        encoded = self._encode(torch.stack([frame for _, frame in made]))
-        for (row, _), latent in zip(made, encoded):
-            first[row] = latent.to(first)
+def moved_by(placement, used):
+    """Summed distance (pixels) the drawings were moved: each layer's object box against its drawing's."""
+    total = 0.0
+    for layer, drawing in zip(placement.layers, used):
+        a, b = box_of(layer), box_of(drawing)
+        total += (((a[0] + a[1]) / 2 - (b[0] + b[1]) / 2) ** 2 + ((a[2] + a[3]) / 2 - (b[2] + b[3]) / 2) ** 2) ** 0.5
+    return total
 
 
-ff.FirstFrameSampler._assemble = assemble
+def choose_layout(self, layouts, drawings):
+    used = [next((d for d in clause if box_of(d) is not None), None) for clause in drawings]
+    tries = [(moved_by(p, used), p) for p in (compose.place_layers(layout, drawings) for layout in layouts)
+             if p is not None]
+    return min(tries, key=lambda t: t[0])[1] if tries else None
+
+
+ff.FirstFrameSampler._choose_layout = choose_layout
 sys.exit(main(["eval", "model", *sys.argv[1:]]))
