@@ -258,8 +258,8 @@ class FirstFrameSampler:
         n = noise.shape[1]
         placements: dict[int, Placement] = {}
         if self.spec.candidates > 1 or (self.spec.compose is not None and prompts is not None):
-            first, placements = self._first_frame(context, noise[:, :1],
-                                                  prompts if self.spec.compose is not None else None)
+            first, placements = self.first_frame(context, noise[:, :1],
+                                                 prompts if self.spec.compose is not None else None)
             yield first
         else:
             first = None
@@ -272,7 +272,7 @@ class FirstFrameSampler:
             return
         if self.spec.compose_prefix and placements:
             assert prompts is not None
-            later_frames = self._compose_prefix(first, prefix_context if self.prefix_model else context,
+            later_frames = self._compose_prefix(first, context if self.prefix_model is None else prefix_context,
                                                 noise[:, 1:], prompts, placements)
             for i in range(later_frames.shape[1]):
                 yield later_frames[:, i:i + 1]
@@ -286,8 +286,10 @@ class FirstFrameSampler:
         yield from later
 
     @torch.no_grad()
-    def first_frame(self, context: Tensor, noise: Tensor, prompts: Sequence[str] | None = None) -> Tensor:
-        """Frame 0 [B, 1, C, H, W] when it is more than one plain sample, from ``noise`` [B, 1, C, H, W].
+    def first_frame(self, context: Tensor, noise: Tensor,
+                    prompts: Sequence[str] | None = None) -> tuple[Tensor, dict[int, Placement]]:
+        """Frame 0 [B, 1, C, H, W] when it is more than one plain sample, from ``noise`` [B, 1, C, H, W], and where
+        the objects of each assembled row were placed (by row; empty without ``prompts``).
 
         Each prompt gets ``spec.candidates`` samples of the whole prompt (:func:`candidate_noise` 0..k-1; the
         matcher picks one when k > 1). With ``prompts`` (one per row; ``compose`` on), each prompt of several
@@ -297,11 +299,6 @@ class FirstFrameSampler:
         prompt's samples (the chosen one, then the others) that they fit: decoded, assembled and encoded again by
         the VAE. Rows with one clause, or whose frame cannot be assembled, keep the chosen sample. Every sample is
         solved in one batch, so assembling costs a wider batch, not a second solve."""
-        return self._first_frame(context, noise, prompts)[0]
-
-    def _first_frame(self, context: Tensor, noise: Tensor,
-                     prompts: Sequence[str] | None) -> tuple[Tensor, dict[int, Placement]]:
-        """:meth:`first_frame`, and where each assembled row's objects were placed (by row)."""
         k, batch = self.spec.candidates, noise.shape[0]
         starts = [candidate_noise(noise, i) for i in range(k)]                    # candidate-major
         contexts = [context.repeat(k, 1, 1)]
