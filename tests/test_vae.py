@@ -569,3 +569,14 @@ def test_uint8_frame_helpers() -> None:
         pixels_to_frames(torch.zeros(2, 1, 3, 4, 4))
     with pytest.raises(InputError):
         frames_to_pixels(frames.astype(np.float32))
+
+
+def test_the_cli_and_the_pipelines_import_without_diffusers() -> None:
+    """diffusers takes seconds to import; only the Wan VAE needs it, so it is imported when one is built."""
+    import subprocess
+    import sys
+
+    code = ("import sys, causal_forcing.cli.generate, causal_forcing.pipelines.video, causal_forcing.serving.app, "
+            "causal_forcing.models.vae; print('diffusers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -28,14 +28,10 @@ import re
 from collections.abc import Callable, Mapping
 from itertools import pairwise
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKLWan
-from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
-from diffusers.models.autoencoders import autoencoder_kl_wan
-from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 from PIL import Image, ImageOps
 from safetensors.torch import load_file as load_safetensors
 from torch import nn
@@ -67,8 +63,19 @@ __all__ = [
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKLWan
+
 PathLike = str | Path
 ImageSource = PathLike | Image.Image
+
+
+def _wan():
+    """diffusers' Wan VAE module, imported on first use: importing diffusers takes seconds, and the frame helpers
+    of this module (and the CLI with the bundled small VAE) do not need it."""
+    from diffusers.models.autoencoders import autoencoder_kl_wan
+
+    return autoencoder_kl_wan
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -76,7 +83,7 @@ ImageSource = PathLike | Image.Image
 # ---------------------------------------------------------------------------------------------------------------
 def _count_causal_convs(module: nn.Module) -> int:
     """Number of cache slots the diffusers encoder/decoder uses: one per causal 3D convolution."""
-    return sum(isinstance(m, WanCausalConv3d) for m in module.modules())
+    return sum(isinstance(m, _wan().WanCausalConv3d) for m in module.modules())
 
 
 def _validate_config(config: Mapping[str, Any]) -> None:
@@ -174,7 +181,7 @@ class WanVAE(nn.Module):
         self._check_pixels(pixels)
         x = pixels.to(device=self.device, dtype=self.dtype).permute(0, 2, 1, 3, 4)
         if self.patch_size > 1:
-            x = autoencoder_kl_wan.patchify(x, patch_size=self.patch_size)
+            x = _wan().patchify(x, patch_size=self.patch_size)
         cache: list[Any] = [None] * self._encoder_slots
         bounds = [0, 1, *range(1 + TEMPORAL_FACTOR, x.shape[2] + 1, TEMPORAL_FACTOR)]
         chunks = [
@@ -220,7 +227,7 @@ class StreamingDecoder(BlockDecoder):
             frames.append(vae.model.decoder(x[:, :, i : i + 1], feat_cache=self._cache, feat_idx=[0], **extra))
         out = torch.cat(frames, dim=2)
         if vae.patch_size > 1:
-            out = autoencoder_kl_wan.unpatchify(out, patch_size=vae.patch_size)
+            out = _wan().unpatchify(out, patch_size=vae.patch_size)
         return out.permute(0, 2, 1, 3, 4)
 
 
@@ -235,12 +242,13 @@ def build_autoencoder(config: Mapping[str, Any] | None = None, *,
     metadata); unspecified ones take diffusers' defaults, which are the Wan2.1 VAE. Unknown keys raise ConfigError.
     """
     config = {k: v for k, v in (config or {}).items() if not k.startswith("_")}
-    known = set(inspect.signature(AutoencoderKLWan.__init__).parameters) - {"self"}
+    cls = _wan().AutoencoderKLWan
+    known = set(inspect.signature(cls.__init__).parameters) - {"self"}
     unknown = sorted(set(config) - known)
     if unknown:
         raise ConfigError(f"unknown AutoencoderKLWan config key {unknown[0]!r}")
     with torch.device(device):
-        return AutoencoderKLWan(**config)
+        return cls(**config)
 
 
 def _short_reason(error: BaseException) -> str:
@@ -282,6 +290,8 @@ def _require_wan21_layout(config: Mapping[str, Any]) -> None:
 
 def original_to_diffusers(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename an original `Wan2.1_VAE.pth` state dict to diffusers' names (diffusers' own converter)."""
+    from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+
     return convert_wan_vae_to_diffusers(dict(state))
 
 
