@@ -696,3 +696,20 @@ def test_cli_bench_writes_json(run_cli, folder, tmp_path):
     assert result["timing"]["fps_without_decode"] > result["timing"]["fps"] > 0
     assert result["peak_memory_mib"] > 0 and result["device"] == "cpu"
     assert math.isfinite(result["timing"]["time_to_first_frame_s"])
+
+
+def test_cli_bench_repeats_reports_medians(run_cli, folder, tmp_path):
+    out = tmp_path / "bench.json"
+    rc, stdout, _ = run_cli("bench", "--model", folder, "--frames", 9, "--warmup", 0, "--repeats", 3, "--json", out)
+    result = json.loads(out.read_text())
+    assert rc == 0 and "median of 3 runs" in stdout and result["repeats"] == 3 and len(result["runs"]) == 3
+    for key, span in result["summary"].items():
+        values = sorted(run[key] for run in result["runs"])
+        assert (span["min"], span["median"], span["max"]) == (values[0], values[1], values[2])
+    # the per-block table is the median run's
+    assert result["timing"]["time_to_first_frame_s"] == result["summary"]["time_to_first_frame_s"]["median"]
+    assert math.isclose(result["timing"]["fps"], next(r["fps"] for r in result["runs"]
+                                                      if r["time_to_first_frame_s"] ==
+                                                      result["timing"]["time_to_first_frame_s"]))
+    rc, _, stderr = run_cli("bench", "--model", folder, "--frames", 9, "--repeats", 0)
+    assert rc == 2 and "--repeats" in stderr and len(stderr.strip().splitlines()) == 1
