@@ -419,3 +419,35 @@ def test_cli_eval_model_scores_a_checkpoint(tmp_path, capsys, monkeypatch):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("causal-forcing ") and len(err.splitlines()) == 1
+
+
+def test_eval_model_reads_the_text_encoder_its_pipeline_names(tmp_path):
+    """`eval model --weights PIPELINE` encodes prompts with the text encoder pipeline.json names (MiniLM where a
+    folder has no pipeline.json), so a model is judged as `generate` runs it."""
+    from causal_forcing.checkpoints import save_model_folder
+    from causal_forcing.cli.eval import _student_text_encoder
+    torch = pytest.importorskip("torch")
+    from causal_forcing.config import model_preset
+    from causal_forcing.errors import InputError
+    from causal_forcing.models.wan import WanDiT
+    from causal_forcing.models.small_vae import SmallVAE, SmallVAEConfig
+    from causal_forcing.pipelines.loading import PipelineSpec, TextEncoderSpec, VAESpec, save_pipeline_folder
+
+    SmallVAE(SmallVAEConfig(encoder_channels=(4, 4, 4, 8), decoder_channels=(8, 4, 4, 4))).save_folder(tmp_path / "vae")
+    config = model_preset("shapes").replace(dim=32, ffn_dim=64, num_heads=2, num_layers=1)
+    model = WanDiT(config)
+    save_model_folder(model, config, tmp_path / "dit")
+    prompts = ["a small red circle moving right and a big blue square standing still"]
+    plain = _student_text_encoder(str(tmp_path / "dit"), config.text_len, "cpu").encode(prompts)
+    for kind in ("minilm", "minilm-clauses", "umt5"):
+        spec = PipelineSpec(block_size=1, steps=(1000.0,), latent_hw=(8, 8),
+                            text_encoder=TextEncoderSpec(kind=kind, text_len=config.text_len,
+                                                         path="wan" if kind == "umt5" else None),
+                            vae=VAESpec(kind="small", path=str(tmp_path / "vae")))
+        save_pipeline_folder(tmp_path / kind, spec, model)
+        if kind == "umt5":
+            with pytest.raises(InputError, match="umt5"):
+                _student_text_encoder(str(tmp_path / kind), config.text_len, "cpu")
+            continue
+        encoded = _student_text_encoder(str(tmp_path / kind), config.text_len, "cpu").encode(prompts)
+        assert torch.equal(encoded, plain) == (kind == "minilm")

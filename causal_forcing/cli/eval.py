@@ -219,12 +219,31 @@ def _first_frame(args: argparse.Namespace, device: Any, vae: Any = None) -> Any:
         raise InputError(str(e)) from None
 
 
+def _student_text_encoder(weights: str, text_len: int, device: Any) -> Any:
+    """The text encoder of the model under evaluation: the one --weights' pipeline.json names, else MiniLM (what
+    every ShapesWorld model here reads)."""
+    from pathlib import Path
+
+    from ..errors import InputError
+    from ..models.text import build_text_encoder
+    from ..pipelines.loading import PIPELINE_FILE, read_pipeline_spec
+
+    kind, path = "minilm", None
+    if (Path(weights) / PIPELINE_FILE).is_file():
+        spec = read_pipeline_spec(weights).text_encoder
+        kind, path = spec.kind, None if spec.path is None else str(Path(weights) / spec.path)
+    if kind == "umt5":
+        raise InputError(f"{weights}: eval model runs ShapesWorld models, whose text encoder is MiniLM; its "
+                         "pipeline.json names umt5")
+    return build_text_encoder(kind, text_len=text_len, device=str(device),
+                              **({} if path is None else {"model_path": path}))
+
+
 def run_model(args: argparse.Namespace) -> int:
     """Generate and judge the manifest's prompts with one checkpoint; print the table and a final JSON line."""
     from ..errors import InputError
     from ..eval.models import EvalSettings, evaluate, load_model_folder
     from ..models.small_vae import load_vae
-    from ..models.text import build_text_encoder
     from ..pipelines.loading import RELEASED_STEPS
 
     for name, value, low in (("--block-size", args.block_size, 1), ("--teacher-steps", args.teacher_steps, 1),
@@ -242,7 +261,7 @@ def run_model(args: argparse.Namespace) -> int:
     model = load_model_folder(args.weights).to(device)
     vae = load_vae(args.vae, device=device)
     first_frame = _first_frame(args, device, vae)
-    text = build_text_encoder("minilm", text_len=model.config.text_len, device=str(device))
+    text = _student_text_encoder(args.weights, model.config.text_len, device)
     every, first = RELEASED_STEPS[args.steps]
     settings = EvalSettings(kind=args.kind, block_size=args.block_size, steps=every, first_block_steps=first,
                             teacher_steps=args.teacher_steps, guidance=args.guidance, seed=args.seed,
