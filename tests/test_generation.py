@@ -344,6 +344,35 @@ def test_composed_first_frame_in_a_pipeline_folder(tmp_path, tiny_parts, run_cli
         read_pipeline_spec(tmp_path)
 
 
+def test_layout_model_in_a_pipeline_folder(tmp_path, tiny_parts, run_cli):
+    """``first_frame.layout_path``: the layout model is written and read back, the loaded sampler has it, and
+    ``info`` and the description name it; a spec naming one with no folder there is refused."""
+    import dataclasses
+
+    from causal_forcing.models.layout import LayoutModel
+    from causal_forcing.pipelines.first_frame import FirstFrameSpec
+
+    dit, autoencoder = tiny_parts
+    first = fan_in_init(WanDiT(TINY_DIT.replace(abs_pos_freqs=2)), seed=3).eval()
+    torch.manual_seed(0)
+    layout = LayoutModel(text_dim=384, hidden=16, text_proj=4, pool=32)
+    ff = FirstFrameSpec(steps=2, guidance=2.0, solver="euler", text_encoder="minilm", compose="objects",
+                        layout_path="layout", layout_sharpness=2.0)
+    spec = dataclasses.replace(SPEC, first_frame=ff)
+    with pytest.raises(ConfigError, match="no layout model given"):
+        save_pipeline_folder(tmp_path / "bad", spec, dit, vae=autoencoder, first_frame=first)
+    folder = save_pipeline_folder(tmp_path / "l", spec, dit, vae=autoencoder, first_frame=first, layout=layout)
+    assert read_pipeline_spec(folder) == spec
+    pipe = load_pipeline(folder)
+    for key, value in layout.state_dict().items():
+        assert torch.equal(pipe.first_frame.layout_model.state_dict()[key], value), key
+    assert "where a layout model puts them" in pipe.description
+    with pipe.stream("a red circle moving right and a big blue square standing still", seed=3) as stream:
+        assert len(np.concatenate(list(stream))) > 0
+    rc, stdout, _ = run_cli("info", folder, "--json")
+    assert rc == 0 and "objects placed by layout (sharpness 2)" in json.loads(stdout)["pipeline"]["first_frame"]
+
+
 def test_released_spec_matches_the_released_configs(tmp_path):
     four = released_spec(tmp_path, "framewise", 4)
     assert (four.block_size, four.latent_hw, four.num_frames, four.fps) == (1, (60, 104), 81, 16)

@@ -42,6 +42,7 @@ def test_recipe_runs_every_step_and_skips_finished_ones(tmp_path):
         assert pipe.stream_config.block_size == block
         assert pipe.first_frame is not None and pipe.first_frame.model.config.abs_pos_freqs > 0   # the shared one
         assert pipe.first_frame.prefix_model is not None                        # and the shared prefix model
+        assert pipe.first_frame.layout_model is not None                        # and the shared layout model
         bundled = read_pipeline_spec(bundled_folder(name.replace("_", "-"))).first_frame   # as shipped
         assert dataclasses.replace(pipe.first_frame.spec, steps=bundled.steps) == bundled
     report = tmp_path / "report"

@@ -392,6 +392,14 @@ def test_cli_eval_model_scores_a_checkpoint(tmp_path, capsys, monkeypatch):
                  "--first-frame-compose", "objects", "--first-frame-text", "minilm", "--first-frame-compose-layouts",
                  "2", "--first-frame-compose-candidates", "1", "--first-frame-compose-prefix", "on"]) == 0
     assert (tmp_path / "causal_cp" / "scores.json").is_file()
+    # ... with a layout model placing the objects (pooled MiniLM clauses: 384-d)
+    from causal_forcing.models.layout import LayoutModel, save_layout_model
+    save_layout_model(LayoutModel(text_dim=384, hidden=16, text_proj=4, pool=32), tmp_path / "layout")
+    assert main(["eval", "model", "--weights", "pipe", "--kind", "causal", "--manifest", str(manifest), "--steps", "2",
+                 "--vae", str(tmp_path / "vae"), "--limit", "2", "--out", str(tmp_path / "causal_cl"),
+                 "--first-frame-compose", "objects", "--first-frame-text", "minilm", "--first-frame-layout", "layout",
+                 "--first-frame-layout-sharpness", "2"]) == 0
+    assert (tmp_path / "causal_cl" / "scores.json").is_file()
     capsys.readouterr()
     bads = [["--weights", str(tmp_path / "missing")], ["--limit", "0"], ["--block-size", "0"], ["--device", "gpu0"],
             ["--first-frame", str(tmp_path / "missing")], ["--first-frame", str(tmp_path / "ff"), "--no-first-frame"],
@@ -410,7 +418,13 @@ def test_cli_eval_model_scores_a_checkpoint(tmp_path, capsys, monkeypatch):
             ["--first-frame-compose", "objects", "--first-frame-text", "minilm", "--no-first-frame"],
             ["--first-frame", str(tmp_path / "ff"), "--first-frame-compose-prefix", "on"],     # nothing assembled
             ["--first-frame", str(tmp_path / "ff"), "--first-frame-compose", "objects", "--first-frame-text",
-             "minilm", "--first-frame-compose-layouts", "0"]]
+             "minilm", "--first-frame-compose-layouts", "0"],
+            ["--first-frame", str(tmp_path / "ff"), "--first-frame-layout", str(tmp_path / "layout")],   # no compose
+            ["--first-frame", str(tmp_path / "ff"), "--first-frame-compose", "objects", "--first-frame-text",
+             "minilm", "--first-frame-layout", str(tmp_path / "missing")],
+            ["--first-frame", str(tmp_path / "ff"), "--first-frame-compose", "objects", "--first-frame-text",
+             "minilm", "--first-frame-layout", str(tmp_path / "layout"), "--first-frame-layout-sharpness", "-1"],
+            ["--first-frame-layout", str(tmp_path / "layout"), "--no-first-frame"]]
     if not torch.cuda.is_available():
         bads.append(["--device", "cuda"])
     for bad in bads:

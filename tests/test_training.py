@@ -168,7 +168,8 @@ def test_batch_stream_resume(dataset):
 
 STAGE_OF = {"ar_diffusion": "ar-diffusion", "ode_data": "ode-data", "causal_ode": "causal-ode",
             "causal_cd": "causal-cd", "causal_forcing_dmd": "dmd", "dmd": "dmd", "bidirectional": "bidirectional",
-            "vae": "vae", "first_frame": "ar-diffusion", "prefix": "ar-diffusion", "matcher": "matcher"}
+            "vae": "vae", "first_frame": "ar-diffusion", "prefix": "ar-diffusion", "matcher": "matcher",
+            "layout": "layout"}
 
 
 @pytest.mark.parametrize("path", sorted(p for p in Path(__file__).parents[1].glob("configs/*/*.yaml")

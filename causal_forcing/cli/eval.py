@@ -88,6 +88,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="causal kind: 'objects' assembles frame 0 of a multi-clause prompt object by object (the "
                         "whole caption's sample places them, each clause's own sample draws them; needs "
                         "--first-frame-text), 'none' keeps it as sampled (default: pipeline.json's)")
+    m.add_argument("--first-frame-layout", default=None, metavar="DIR",
+                   help="causal kind: a layout model folder that places the assembled objects ('none': the "
+                        "whole prompt's sample places them; default: pipeline.json's)")
+    m.add_argument("--first-frame-layout-sharpness", type=float, default=None, metavar="S",
+                   help="causal kind: the layout model's sharpness (1: its learned distribution; default: "
+                        "pipeline.json's)")
     m.add_argument("--first-frame-compose-candidates", type=int, default=None, metavar="N",
                    help="causal kind: samples of each clause for --first-frame-compose objects (the first with an "
                         "object is drawn; default: pipeline.json's)")
@@ -162,11 +168,12 @@ def _first_frame(args: argparse.Namespace, device: Any, vae: Any = None) -> Any:
                  "prefix_guidance": args.first_frame_prefix_guidance,
                  "compose_candidates": args.first_frame_compose_candidates,
                  "compose_layouts": args.first_frame_compose_layouts,
+                 "layout_sharpness": args.first_frame_layout_sharpness,
                  "compose_prefix": None if args.first_frame_compose_prefix is None
                  else args.first_frame_compose_prefix == "on"}
-    compose = args.first_frame_compose
+    compose, layout = args.first_frame_compose, args.first_frame_layout
     if args.no_first_frame:
-        if compose is not None:
+        if compose is not None or layout is not None:
             raise InputError("--first-frame-compose excludes --no-first-frame")
         if args.first_frame is not None or any(v is not None for v in overrides.values()):
             raise InputError("--first-frame and its --first-frame-* options exclude --no-first-frame")
@@ -185,9 +192,14 @@ def _first_frame(args: argparse.Namespace, device: Any, vae: Any = None) -> Any:
         overrides["compose"] = None if compose == "none" else compose
         if compose == "none" and overrides["compose_prefix"] is None:
             overrides["compose_prefix"] = False          # nothing assembled, nothing to continue by object
+        if compose == "none" and layout is None:
+            layout = "none"                              # nothing assembled, nothing to place
+    if layout is not None:
+        overrides["layout_path"] = None if layout == "none" else str(Path(layout).resolve())
     try:
         spec = dataclasses.replace(spec, **{k: v for k, v in overrides.items()
-                                            if v is not None or (k == "compose" and compose is not None)})
+                                            if v is not None or (k == "compose" and compose is not None)
+                                            or (k == "layout_path" and layout is not None)})
     except ConfigError as e:
         raise InputError(str(e)) from None
     if args.kind != "causal":
@@ -212,9 +224,14 @@ def _first_frame(args: argparse.Namespace, device: Any, vae: Any = None) -> Any:
     if spec.matcher_path is not None:
         from ..models.matcher import load_matcher
         matcher = load_matcher(root / spec.matcher_path)
+    layout_model = None
+    if spec.layout_path is not None:
+        from ..models.layout import load_layout_model
+        layout_model = load_layout_model(root / spec.layout_path)
     try:
         return FirstFrameSampler(model, spec, text, prefix_model=prefix, prefix_text_encoder=prefix_text,
-                                 matcher=matcher, vae=vae if spec.compose is not None else None)
+                                 matcher=matcher, vae=vae if spec.compose is not None else None,
+                                 layout_model=layout_model)
     except ConfigError as e:
         raise InputError(str(e)) from None
 

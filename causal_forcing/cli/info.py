@@ -243,6 +243,8 @@ def describe_folder(folder: Path) -> dict[str, Any]:
                                                   f"{'s' if ff.compose_layouts > 1 else ''}"
                                                   f"{', prefix too' if ff.compose_prefix else ''})"
                                                   if ff.compose else "")
+                                               + (f", objects placed by {ff.layout_path} (sharpness "
+                                                  f"{ff.layout_sharpness:g})" if ff.layout_path else "")
                                                + ")")
     elif diffusers:
         kind = "diffusers WanTransformer3DModel folder"

@@ -299,6 +299,29 @@ def overlap_fraction(objs: Sequence[ObjectParams], canvas: int, frames: int) -> 
     return float(hit.mean())
 
 
+def valid_start(attrs: Sequence[ObjectAttrs], centres: Sequence[Sequence[float]], rng: np.random.Generator,
+                canvas: int = DEFAULT_SIZE, frames: int = DEFAULT_FRAMES) -> bool:
+    """Whether objects ``attrs`` starting with their boxes centred on ``centres`` ((x, y) in canvas units) are a
+    start the world could draw (:func:`sample_layout`), each moving object given a random speed from ``rng``:
+    inside the canvas, no bounce in the first NO_BOUNCE_FRAMES frames, and boxes overlapping in at most
+    MAX_OVERLAP_FRACTION of the frames. For measuring layouts made elsewhere (models/layout.py)."""
+    if len(attrs) != len(centres):
+        raise InputError(f"{len(centres)} centres for {len(attrs)} objects")
+    objs = []
+    tolerance = 0.5 / canvas                         # half a pixel: starts are compared after rounding
+    for a, (cx, cy) in zip(attrs, centres):
+        side = side_pixels(a.size, canvas) / canvas
+        speed = 0.0 if a.motion == "still" else float(rng.uniform(*SPEED_RANGE))
+        free, travel = 1.0 - side, speed * (NO_BOUNCE_FRAMES - 1)
+        x0, y0 = cx - side / 2, cy - side / 2
+        for p, d in zip((x0, y0), _DIRECTION_VECTORS[a.motion]):
+            low, high = (0.0, free - travel) if d > 0 else (travel, free) if d < 0 else (0.0, free)
+            if not low - tolerance <= p <= high + tolerance:
+                return False
+        objs.append(ObjectParams(attrs=a, x0=x0, y0=y0, speed=speed))
+    return len(objs) < 2 or overlap_fraction(objs, canvas, frames) <= MAX_OVERLAP_FRACTION
+
+
 # ------------------------------------------------------------------------------------------------ rendering
 @functools.lru_cache(maxsize=64)
 def shape_mask(shape: str, side: int) -> np.ndarray:

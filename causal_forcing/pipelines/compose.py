@@ -87,6 +87,61 @@ def place_objects(layout: Tensor, drawings: Sequence[Iterable[Tensor]]) -> Tenso
     return None if placement is None else paint(placement.background, placement.layers)
 
 
+def _first_object(candidates: Iterable[Tensor]) -> tuple[Tensor, Tensor, Tensor, Box] | None:
+    """The first drawing of ``candidates`` that has an object: (drawing, its RGB, object mask, object box)."""
+    for candidate in candidates:
+        rgb = _rgb(candidate)
+        mask = rgb.amax(dim=0) > OBJECT_LEVEL
+        box = object_box(mask)
+        if box is not None:
+            return candidate, rgb, mask, box
+    return None
+
+
+def _background(layout: Tensor) -> Tensor:
+    """The flat background [3, H, W] of ``layout`` [3, H, W]: its darkest pixel everywhere."""
+    height, width = layout.shape[-2:]
+    darkest = _rgb(layout).sum(dim=0).flatten().argmin()
+    return layout.float().flatten(1)[:, darkest].view(3, 1, 1).expand(3, height, width)
+
+
+def _shift(drawing: Tensor, box: Box, centre_y: float, centre_x: float) -> tuple[Tensor, Box]:
+    """``drawing`` moved (whole pixels) so that its object's ``box`` is centred on (centre_y, centre_x) in pixel
+    coordinates, kept inside the frame: the moved drawing and box."""
+    height, width = drawing.shape[-2:]
+    dy = round(centre_y - (box[0] + box[1]) / 2)
+    dx = round(centre_x - (box[2] + box[3]) / 2)
+    dy = max(-box[0], min(height - 1 - box[1], dy))
+    dx = max(-box[2], min(width - 1 - box[3], dx))
+    moved = (box[0] + dy, box[1] + dy, box[2] + dx, box[3] + dx)
+    return torch.roll(drawing.float(), shifts=(dy, dx), dims=(-2, -1)), moved
+
+
+def place_at(layout: Tensor, drawings: Sequence[Iterable[Tensor]], centres: Sequence[tuple[float, float]]) \
+        -> Placement | None:
+    """Each clause's drawing (arguments as :func:`place_objects`) moved so that its object's box is centred on
+    the clause's entry of ``centres`` ((x, y) in canvas units, [0, 1]), on ``layout``'s flat background; None when
+    a clause has no drawing with an object or two moved objects' boxes would touch. The places come from a layout
+    model (models/layout.py) instead of the layout frame's objects."""
+    if layout.dim() != 3 or layout.shape[0] != 3:
+        raise ValueError(f"layout must be [3, H, W], got {list(layout.shape)}")
+    if len(centres) != len(drawings):
+        raise ValueError(f"{len(centres)} centres for {len(drawings)} clauses")
+    height, width = layout.shape[-2:]
+    placed: list[Box] = []
+    layers: list[Tensor] = []
+    for candidates, (x, y) in zip(drawings, centres):
+        found = _first_object(candidates)
+        if found is None:
+            return None
+        layer, moved = _shift(found[0], found[3], y * height - 0.5, x * width - 0.5)
+        if any(boxes_touch(moved, other) for other in placed):
+            return None
+        placed.append(moved)
+        layers.append(layer)
+    return Placement(_background(layout), layers)
+
+
 def place_layers(layout: Tensor, drawings: Sequence[Iterable[Tensor]]) -> Placement | None:
     """Each clause's drawing moved to its place in ``layout`` [3, H, W] (arguments as :func:`place_objects`);
     None where the frame cannot be assembled.
@@ -98,22 +153,12 @@ def place_layers(layout: Tensor, drawings: Sequence[Iterable[Tensor]]) -> Placem
     touch."""
     if layout.dim() != 3 or layout.shape[0] != 3:
         raise ValueError(f"layout must be [3, H, W], got {list(layout.shape)}")
-    height, width = layout.shape[-2:]
     layout_rgb = _rgb(layout)
     layout_objects = layout_rgb.amax(dim=0) > OBJECT_LEVEL
-    darkest = layout_rgb.sum(dim=0).flatten().argmin()
-    background = layout.float().flatten(1)[:, darkest].view(3, 1, 1).expand(3, height, width)
     placed: list[Box] = []
     layers: list[Tensor] = []
     for candidates in drawings:
-        found = None
-        for candidate in candidates:                  # the first drawing that has an object
-            rgb = _rgb(candidate)
-            mask = rgb.amax(dim=0) > OBJECT_LEVEL
-            box = object_box(mask)
-            if box is not None:
-                found = candidate, rgb, mask, box
-                break
+        found = _first_object(candidates)
         if found is None:
             return None
         drawing, rgb, mask, box = found
@@ -122,13 +167,9 @@ def place_layers(layout: Tensor, drawings: Sequence[Iterable[Tensor]]) -> Placem
                                               < COLOUR_RADIUS))
         if target is None:
             return None
-        dy = round((target[0] + target[1]) / 2 - (box[0] + box[1]) / 2)
-        dx = round((target[2] + target[3]) / 2 - (box[2] + box[3]) / 2)
-        dy = max(-box[0], min(height - 1 - box[1], dy))
-        dx = max(-box[2], min(width - 1 - box[3], dx))
-        moved_box = (box[0] + dy, box[1] + dy, box[2] + dx, box[3] + dx)
-        if any(boxes_touch(moved_box, other) for other in placed):
+        layer, moved = _shift(drawing, box, (target[0] + target[1]) / 2, (target[2] + target[3]) / 2)
+        if any(boxes_touch(moved, other) for other in placed):
             return None
-        placed.append(moved_box)
-        layers.append(torch.roll(drawing.float(), shifts=(dy, dx), dims=(-2, -1)))
-    return Placement(background, layers)
+        placed.append(moved)
+        layers.append(layer)
+    return Placement(_background(layout), layers)

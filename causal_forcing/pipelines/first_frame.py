@@ -47,6 +47,7 @@ object alone, continued with its own clause, the clips painted together (:meth:`
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -55,10 +56,11 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
+from ..models.layout import LayoutModel, pooled_text
 from ..models.matcher import FrameTextMatcher
 from ..models.text import split_clauses
 from ..models.wan import WanDiT
-from .compose import Placement, paint, place_layers
+from .compose import Placement, paint, place_at, place_layers
 from .teacher import autoregressive_blocks
 
 SOLVERS = ("unipc", "euler")
@@ -70,6 +72,12 @@ MAX_CANDIDATES = 16
 #: Ways to assemble frame 0 (None: as sampled). "objects": :mod:`.compose`, the whole caption's sample placing the
 #: objects, each clause's own sample drawing its object.
 COMPOSE_MODES = (None, "objects")
+
+
+def _noise_seed(noise: Tensor) -> int:
+    """A seed that is a function of a row's noise: the same seed gives the same layout draws, another seed
+    another layout."""
+    return zlib.crc32(noise.detach().flatten()[:256].float().cpu().numpy().tobytes())
 
 
 def candidate_noise(noise: Tensor, k: int) -> Tensor:
@@ -103,6 +111,10 @@ class FirstFrameSpec:
     compose_candidates: int = 4  # samples per clause for "objects" (the first with an object is used)
     compose_layouts: int = 1     # samples of the whole prompt tried as the layout (the first that assembles)
     compose_prefix: bool = False  # frames 1..frames-1 of an assembled frame 0 continued object by object too
+    layout_path: str | None = None   # a layout model folder (models/layout.py): where assembled objects start
+    layout_candidates: int = 1024    # proposals the layout model chooses among (sampling-importance resampling)
+    layout_sharpness: float = 4.0    # exp(sharpness * score) weights; 1 samples the learned distribution
+    layout_tries: int = 20           # layouts drawn until the drawings fit without touching (else the frame's)
 
     @property
     def prefix_cfg(self) -> float:
@@ -168,6 +180,17 @@ class FirstFrameSpec:
             if self.prefix_path is not None and self.prefix_text_encoder is None:
                 raise ConfigError("first_frame.compose_prefix needs first_frame.prefix_text_encoder (the prefix "
                                   "model encodes each clause alone)")
+        if self.layout_path is not None:
+            if not self.layout_path or self.compose is None:
+                raise ConfigError("first_frame.layout_path must name a layout model folder, and needs "
+                                  "first_frame.compose")
+        for name in ("layout_candidates", "layout_tries"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"first_frame.{name} must be a positive integer, got {value!r}")
+        if isinstance(self.layout_sharpness, bool) or not isinstance(self.layout_sharpness, (int, float)) \
+                or not self.layout_sharpness >= 0.0:
+            raise ConfigError(f"first_frame.layout_sharpness must be a number >= 0, got {self.layout_sharpness!r}")
         if self.candidates + self.compose_layouts - 1 >= MAX_CANDIDATES:
             raise ConfigError(f"first_frame.candidates + compose_layouts - 1 must be below {MAX_CANDIDATES} (the "
                               f"distinct candidate noises, one left for the clauses), got "
@@ -185,9 +208,14 @@ class FirstFrameSampler:
 
     def __init__(self, model: WanDiT, spec: FirstFrameSpec | None = None, text_encoder: Any = None, *,
                  prefix_model: WanDiT | None = None, prefix_text_encoder: Any = None,
-                 matcher: FrameTextMatcher | None = None, vae: Any = None):
+                 matcher: FrameTextMatcher | None = None, vae: Any = None, layout_model: LayoutModel | None = None):
         self.model = model
         self.spec = spec or FirstFrameSpec()
+        if (layout_model is None) != (self.spec.layout_path is None):
+            raise ConfigError("a layout model must be given exactly when the spec names layout_path")
+        if layout_model is not None and text_encoder is None:
+            raise ConfigError("a layout model reads the clauses through the first-frame model's text encoder")
+        self.layout_model = layout_model
         if self.spec.compose is not None and vae is None:
             raise ConfigError(f"first_frame.compose = {self.spec.compose!r} needs the pipeline's VAE")
         self.vae = vae
@@ -339,16 +367,20 @@ class FirstFrameSampler:
             first = first.view(k, batch, *first.shape[1:])[best, torch.arange(batch, device=first.device)]
         else:
             first = first.clone()
-        placements = self._assemble(first, frames[k * batch:], plan, extra) if plan else {}
+        layout_rows = None
+        if plan and self.layout_model is not None:
+            layout_rows = {row: (split_clauses(prompts[row]), _noise_seed(noise[row])) for row, _, _ in plan}
+        placements = self._assemble(first, frames[k * batch:], plan, extra, layout_rows) if plan else {}
         return first, placements
 
-    def _assemble(self, first: Tensor, drawn: Tensor, plan: list[tuple[int, int, int]],
-                  extra: int) -> dict[int, Placement]:
+    def _assemble(self, first: Tensor, drawn: Tensor, plan: list[tuple[int, int, int]], extra: int,
+                  layout_rows: dict[int, tuple[list[str], int]] | None = None) -> dict[int, Placement]:
         """Replace, in place, the rows of ``first`` named by ``plan`` with their assembled frames, and return where
         the objects of each assembled row were placed. ``drawn`` holds, row by row in plan order, the row's
         ``extra`` other layouts, then its clause samples (clause by clause, sample by sample). The layouts and each
         clause's first sample are decoded in one call; a clause's later samples only when the ones before them have
-        no object (place_layers uses the first that has one)."""
+        no object (place_layers uses the first that has one). ``layout_rows`` (with a layout model): each row's
+        clauses and the seed of its layout draws."""
         layouts: list[int] = []
         heads: list[int] = []
         at = 0
@@ -367,7 +399,12 @@ class FirstFrameSampler:
                                   drawn[at + extra + j * each + 1:at + extra + (j + 1) * each])
                         for j in range(clauses)]
             at += extra + clauses * each
-            placement = self._choose_layout([chosen[n], *others[n * extra:(n + 1) * extra]], drawings)
+            layouts = [chosen[n], *others[n * extra:(n + 1) * extra]]
+            placement = None
+            if layout_rows is not None:
+                placement = self._learned_layout(layouts[0], drawings, *layout_rows[row])
+            if placement is None:
+                placement = self._choose_layout(layouts, drawings)
             if placement is not None:
                 made[row] = placement
         if made:
@@ -375,6 +412,21 @@ class FirstFrameSampler:
             for row, latent in zip(made, encoded):
                 first[row] = latent.to(first)
         return made
+
+    def _learned_layout(self, frame: Tensor, drawings: Sequence[Iterable[Tensor]], clauses: list[str],
+                        seed: int) -> Placement | None:
+        """The drawings placed where the layout model puts the clauses' objects, on ``frame``'s background: the
+        first of ``spec.layout_tries`` draws (from ``seed``) where no two objects touch; None if none fits."""
+        assert self.layout_model is not None
+        texts = pooled_text(self.text_encoder, clauses)
+        generator = torch.Generator().manual_seed(seed)
+        for _ in range(self.spec.layout_tries):
+            centres = self.layout_model.sample(texts, self.spec.layout_candidates, self.spec.layout_sharpness,
+                                               generator)
+            placement = place_at(frame, drawings, centres.tolist())
+            if placement is not None:
+                return placement
+        return None
 
     def _choose_layout(self, layouts: Sequence[Tensor], drawings: Sequence[Iterable[Tensor]]) -> Placement | None:
         """The placement on the first of ``layouts`` (decoded frames [3, H, W]) that ``drawings`` fit."""

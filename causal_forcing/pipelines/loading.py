@@ -449,7 +449,8 @@ def load_pipeline(model: str | Path | None = None, *, base: str | Path | None = 
                                                                           text_spec=spec.text_encoder, vae=vae)
     if first_frame is not None:
         ff = spec.first_frame
-        what += f" + first-frame model ({ff.steps} steps" + (", objects assembled)" if ff.compose else ")")
+        assembled = ", objects assembled" + (" where a layout model puts them" if ff.layout_path else "")
+        what += f" + first-frame model ({ff.steps} steps" + (f"{assembled})" if ff.compose else ")")
         by_object = ", object by object" if ff.compose_prefix else ""
         if ff.prefix_path is not None:
             what += (" + prefix model (" + ("frame 1" if ff.frames == 2 else f"frames 1-{ff.frames - 1}")
@@ -486,8 +487,12 @@ def _load_first_frame(spec: FirstFrameSpec, root: Path, dtype: torch.dtype,
     if spec.matcher_path is not None:
         from ..models.matcher import load_matcher
         matcher = load_matcher(root / spec.matcher_path)
+    layout = None
+    if spec.layout_path is not None:
+        from ..models.layout import load_layout_model
+        layout = load_layout_model(root / spec.layout_path)
     return FirstFrameSampler(model, spec, text, prefix_model=prefix, prefix_text_encoder=prefix_text,
-                             matcher=matcher, vae=vae if spec.compose is not None else None)
+                             matcher=matcher, vae=vae if spec.compose is not None else None, layout_model=layout)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -510,14 +515,15 @@ def _save_wan_vae(vae: Any, folder: Path) -> None:
 def save_pipeline_folder(folder: str | Path, spec: PipelineSpec, model: WanDiT | Mapping[str, torch.Tensor], *,
                          config: ModelConfig | None = None, vae: Any = None,
                          first_frame: WanDiT | None = None, prefix: WanDiT | None = None,
-                         matcher: Any = None) -> Path:
+                         matcher: Any = None, layout: Any = None) -> Path:
     """Write a pipeline folder that ``load_pipeline`` reads: the DiT, the VAE (when given), then ``pipeline.json``.
 
     ``model`` is a ``WanDiT`` or a Wan-layout state dict (then ``config`` is required). ``vae`` (a ``WanVAE`` or a
     diffusers ``AutoencoderKLWan``) is written to ``spec.vae.path``; without it that path must already hold a
     VAE. ``first_frame`` (a ``WanDiT``) is written to ``spec.first_frame.path``; a spec with a first-frame entry
     and no model needs one there already; likewise ``prefix`` and ``spec.first_frame.prefix_path``, and ``matcher``
-    (a ``FrameTextMatcher``) and ``spec.first_frame.matcher_path``. Each file is
+    (a ``FrameTextMatcher``) and ``spec.first_frame.matcher_path``, and ``layout`` (a ``LayoutModel``) and
+    ``spec.first_frame.layout_path``. Each file is
     written atomically and ``pipeline.json`` last, so a
     half-written folder never loads.
     """
@@ -559,6 +565,15 @@ def save_pipeline_folder(folder: str | Path, spec: PipelineSpec, model: WanDiT |
         save_matcher(matcher, folder / matcher_path)
     elif matcher_path is not None and not (folder / matcher_path / MATCHER_CONFIG_FILE).is_file():
         raise ConfigError(f"no matcher given and none at {folder / matcher_path}")
+    from ..models.layout import CONFIG_FILE as LAYOUT_CONFIG_FILE
+    from ..models.layout import save_layout_model
+    layout_path = None if spec.first_frame is None else spec.first_frame.layout_path
+    if layout is not None:
+        if layout_path is None:
+            raise ConfigError("a layout model was given but the spec's first_frame has no layout_path")
+        save_layout_model(layout, folder / layout_path)
+    elif layout_path is not None and not (folder / layout_path / LAYOUT_CONFIG_FILE).is_file():
+        raise ConfigError(f"no layout model given and none at {folder / layout_path}")
     with atomic_path(folder / PIPELINE_FILE) as tmp:
         tmp.write_text(json.dumps(spec.to_dict(), indent=2) + "\n", encoding="utf-8")
     return folder

@@ -33,7 +33,7 @@ FEW_STEP = [1000.0, 750.0, 500.0, 250.0]
 #: The stage config files the plan reads (from configs/shapes or the folder given as ``configs``).
 STAGE_FILES = ("bidirectional_short.yaml", "bidirectional.yaml", "ar_diffusion.yaml", "ode_data.yaml",
                "causal_ode.yaml", "causal_cd.yaml", "dmd.yaml", "first_frame.yaml", "prefix.yaml",
-               "prefix_tune.yaml")
+               "prefix_tune.yaml", "layout.yaml")
 #: The frame-wise inits of the key comparison (causal ODE init vs Self Forcing's bidirectional ODE init).
 KEY_INITS = ("causal_ode_framewise", "self_forcing_ode_framewise")
 #: The causal inits behind each bundled pipeline folder (and its block size): each init and its DMD student are
@@ -63,6 +63,8 @@ PREFIX_TEXT = "minilm-clauses"
 #: 11": lower than the first-frame model's 4 alone, they keep more objects whole; chosen over 3 seeds).
 PREFIX_PIPELINE_GUIDANCE = 3.0
 PREFIX_GUIDANCE = 1.5
+#: Stage settings a quick recipe (tests of the wiring) adds to the tiny step counts, by stage.
+QUICK_STAGE = {"layout": ["stage.clips=400", "stage.val_pairs=20", "stage.pool=64", "stage.candidates=8"]}
 
 
 @dataclass
@@ -151,7 +153,7 @@ class ShapesRecipe:
             over = [f"train.out_dir={self.run_dir(name)}", *overrides]
             if self.quick:
                 over += ["train.max_steps=2", "train.save_every=1", "train.log_every=1", "ema.start_step=0",
-                         "data.batch_size=2"]
+                         "data.batch_size=2", *QUICK_STAGE.get(stage, [])]
             if self.graphed_teachers and stage in ("bidirectional", "ar-diffusion"):
                 self._train_graphed(stage, config, over)
                 return
@@ -258,6 +260,10 @@ class ShapesRecipe:
                       self._train("ar-diffusion", "prefix_tune.yaml", "prefix_tune",
                                   [f"data.path={self.p('latents_clauses')}", f"train.init={self.final('prefix')}"]),
                       ["prefix", "encode-clauses"]))
+        # The layout model of the shipped pipelines: where the objects of an assembled frame 0 start, learned from
+        # the scene annotations of training clips (docs/results.md, "Run 16"); it reads no other step's output.
+        S.append(Step("layout", self.final("layout", ema=False),
+                      self._train("layout", "layout.yaml", "layout", [])))
         S.append(Step("ode-bidirectional", self.p("ode", "bidirectional"),
                       self._ode("bidirectional", bidir, "bidirectional", 1), ["bidirectional"]))
         # init name → (stage, config, block size, overrides, the steps it reads)
@@ -329,9 +335,10 @@ class ShapesRecipe:
         ``pipelines/shapes_framewise`` and ``pipelines/shapes_chunkwise``, each the best-scoring causal model of its
         block size among the causal inits of ``SHIP_CANDIDATES`` and their DMD students (``report.choose_shipped``:
         in-distribution Total, with held-out Total deciding between models within seed noise of the best), with the
-        first-frame model (step ``first-frame``) in ``pipelines/shapes_first_frame``, which both pipelines name, and
-        the prefix model (step ``prefix-tune``) in ``pipelines/shapes_prefix``, which both name for latent frames
-        1..PREFIX_FRAMES-1. Copy the five folders into ``causal_forcing/assets/`` to bundle them;
+        first-frame model (step ``first-frame``) in ``pipelines/shapes_first_frame``, which both pipelines name, the
+        prefix model (step ``prefix-tune``) in ``pipelines/shapes_prefix``, which both name for latent frames
+        1..PREFIX_FRAMES-1, and the layout model (step ``layout``) in ``pipelines/shapes_layout``, which places the
+        objects of an assembled frame 0. Copy the six folders into ``causal_forcing/assets/`` to bundle them;
         ``shipped.json`` records what was chosen and its scores (measured without the first-frame model)."""
         from ..checkpoints import load_dit_weights
         from ..checkpoints import save_model_folder
@@ -381,6 +388,12 @@ class ShapesRecipe:
                                               compose_prefix=FIRST_FRAME_COMPOSE_PREFIX)
         else:
             missing.append("shapes_prefix")
+        if with_prefix is not None and self.final("layout", ema=False).exists():
+            from ..models.layout import load_layout_model, save_layout_model
+            save_layout_model(load_layout_model(self.final("layout", ema=False)), pipes / "shapes_layout")
+            with_prefix = dataclasses.replace(with_prefix, layout_path="../shapes_layout")
+        elif with_prefix is not None:
+            missing.append("shapes_layout")
         for folder, (model, block) in chosen.items():
             state, config = load_dit_weights(self.final(model))
             spec = PipelineSpec(block_size=block, steps=tuple(FEW_STEP), latent_hw=(8, 8),

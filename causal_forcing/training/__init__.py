@@ -20,6 +20,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "dmd": ("dmd", "stage 3: asymmetric DMD with self-forcing rollout"),
     "vae": ("vae", "train the small ShapesWorld VAE"),
     "matcher": ("matcher", "train the text-frame matcher that picks the best of N frame-0 candidates"),
+    "layout": ("layout", "train the layout model that places the objects of an assembled frame 0"),
 }
 
 
