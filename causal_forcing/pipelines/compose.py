@@ -14,6 +14,9 @@ The same layers can carry on past frame 0 (``first_frame.compose_prefix``, pipel
 alone on the background (its layer, :func:`place_layers`) is continued by the prefix model with its own clause,
 and the per-object clips are painted together frame by frame (:func:`paint`).
 
+A learned layout model (models/layout.py) may give the places instead (:func:`place_at`: each drawing centred on a
+given point, on the layout frame's background; docs/results.md, "Run 16").
+
 No attribute is read from the caption (the clause samples carry colour, shape and size; the layout carries
 place), and nothing is learned here. It assumes what ShapesWorld scenes are: objects of distinct, bright colours
 on a dark, flat background, not overlapping at frame 0. Where that does not hold for a frame (a colour of the

@@ -43,6 +43,9 @@ ShapesWorld-like scenes (bright objects of distinct colours on a dark background
 wherever it cannot assemble one; the bundled ShapesWorld pipelines use it (docs/results.md, "Runs 13 and 14").
 With ``compose_prefix`` the rest of the prefix of an assembled frame 0 is made object by object as well: each
 object alone, continued with its own clause, the clips painted together (:meth:`FirstFrameSampler._compose_prefix`).
+With ``layout_path`` a learned layout model (models/layout.py) says where the assembled objects start instead of
+the whole prompt's sample (:meth:`FirstFrameSampler._learned_layout`; the sample is the fallback, and its
+background is kept); the bundled pipelines use it (docs/results.md, "Run 16").
 """
 from __future__ import annotations
 

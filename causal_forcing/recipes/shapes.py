@@ -261,9 +261,10 @@ class ShapesRecipe:
                                   [f"data.path={self.p('latents_clauses')}", f"train.init={self.final('prefix')}"]),
                       ["prefix", "encode-clauses"]))
         # The layout model of the shipped pipelines: where the objects of an assembled frame 0 start, learned from
-        # the scene annotations of training clips (docs/results.md, "Run 16"); it reads no other step's output.
+        # the scene annotations of training clips (docs/results.md, "Run 16"); it reads no other step's output, and
+        # waits for the teachers only so that they keep both cores (it runs beside the AR steps).
         S.append(Step("layout", self.final("layout", ema=False),
-                      self._train("layout", "layout.yaml", "layout", [])))
+                      self._train("layout", "layout.yaml", "layout", []), after=["bidirectional"]))
         S.append(Step("ode-bidirectional", self.p("ode", "bidirectional"),
                       self._ode("bidirectional", bidir, "bidirectional", 1), ["bidirectional"]))
         # init name → (stage, config, block size, overrides, the steps it reads)

@@ -1,8 +1,8 @@
 """Run 16 prototype, as run: train the density-ratio layout model (causal_forcing/models/layout.py) and measure how
 often its layouts are valid ShapesWorld starts (the world's own rules, used here only to measure). The library's
 `layout` stage (causal_forcing/training/layout.py) replaced it: it trains the bundled model, and its eval.json gives
-the same measure (`shapes.valid_start`). This script differs in its data (clips from seed 9,000,000 on, every
-centre in the pool) and its own training loop (AdamW at 1e-3, cosine, batch 512).
+the same measure (`shapes.valid_start`). This script differs in its data (clips from seed 9,000,000 on, a pool
+of 4096 centres) and its own training loop (AdamW at 1e-3, cosine, batch 512).
 
     python scripts/run16/ratio_layout.py train OUT.pt [--clips 100000] [--steps 3000]
     python scripts/run16/ratio_layout.py check OUT.pt [--candidates 1024] [--sharpness 4]
