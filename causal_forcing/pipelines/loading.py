@@ -556,24 +556,25 @@ def save_pipeline_folder(folder: str | Path, spec: PipelineSpec, model: WanDiT |
         save_model_folder(prefix, prefix.config, folder / prefix_path)
     elif prefix_path is not None and not (folder / prefix_path / WAN_CONFIG_FILE).is_file():
         raise ConfigError(f"no prefix model given and none at {folder / prefix_path}")
-    from ..models.matcher import CONFIG_FILE as MATCHER_CONFIG_FILE
-    from ..models.matcher import save_matcher
-    matcher_path = None if spec.first_frame is None else spec.first_frame.matcher_path
-    if matcher is not None:
-        if matcher_path is None:
-            raise ConfigError("a matcher was given but the spec's first_frame has no matcher_path")
-        save_matcher(matcher, folder / matcher_path)
-    elif matcher_path is not None and not (folder / matcher_path / MATCHER_CONFIG_FILE).is_file():
-        raise ConfigError(f"no matcher given and none at {folder / matcher_path}")
-    from ..models.layout import CONFIG_FILE as LAYOUT_CONFIG_FILE
-    from ..models.layout import save_layout_model
-    layout_path = None if spec.first_frame is None else spec.first_frame.layout_path
-    if layout is not None:
-        if layout_path is None:
-            raise ConfigError("a layout model was given but the spec's first_frame has no layout_path")
-        save_layout_model(layout, folder / layout_path)
-    elif layout_path is not None and not (folder / layout_path / LAYOUT_CONFIG_FILE).is_file():
-        raise ConfigError(f"no layout model given and none at {folder / layout_path}")
+    from ..models import layout as layout_module
+    from ..models import matcher as matcher_module
+    ff = spec.first_frame
+    _save_helper(folder, matcher, None if ff is None else ff.matcher_path, "matcher_path", "a matcher",
+                 matcher_module.save_matcher, matcher_module.CONFIG_FILE)
+    _save_helper(folder, layout, None if ff is None else ff.layout_path, "layout_path", "a layout model",
+                 layout_module.save_layout_model, layout_module.CONFIG_FILE)
     with atomic_path(folder / PIPELINE_FILE) as tmp:
         tmp.write_text(json.dumps(spec.to_dict(), indent=2) + "\n", encoding="utf-8")
     return folder
+
+
+def _save_helper(folder: Path, helper: Any, rel: str | None, key: str, what: str, save: Callable[[Any, Path], Any],
+                 config_file: str) -> None:
+    """Write a small first-frame helper network (matcher, layout model) to ``folder / rel``, or check that one is
+    there when none is given and the spec names ``rel``."""
+    if helper is not None:
+        if rel is None:
+            raise ConfigError(f"{what} was given but the spec's first_frame has no {key}")
+        save(helper, folder / rel)
+    elif rel is not None and not (folder / rel / config_file).is_file():
+        raise ConfigError(f"no {what.split(' ', 1)[1]} given and none at {folder / rel}")

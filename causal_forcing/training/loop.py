@@ -1,6 +1,7 @@
-"""The self-contained training loop of the stages that train one network that is not a DiT (``vae``, ``matcher``;
-the DiT stages use ``trainer.Trainer``): :func:`train_loop`, its checkpoints (the network, its EMA shadow, the
-optimizer, the step and a noise generator) and :func:`final_copy` of the trained weights.
+"""The self-contained training loop of the stages that train one network that is not a DiT (``vae``, ``matcher``,
+``layout``; the DiT stages use ``trainer.Trainer``): :func:`train_loop`, its checkpoints (the network, its EMA
+shadow, the optimizer, the step and a noise generator), :func:`resumable` and :func:`start` to set a run up, and
+:func:`final_copy` of the trained weights.
 
 Every ``train.save_every`` steps the state is written atomically to ``out_dir/checkpoints/step-N/state.pt`` and
 ``checkpoints/latest`` points at it; the ``train.keep_checkpoints`` newest are kept. A loop whose batch at step
@@ -15,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from ..checkpoints import atomic_path
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from .config import to_dict
 from .trainer import EMA, MetricsLog, lr_factor
 
@@ -27,6 +29,30 @@ CKPT_DIR = "checkpoints"
 def write_text(path: Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def resumable(out: Path, resume: bool) -> Path | None:
+    """The checkpoint a run in ``out`` continues from (None: a fresh run); a ConfigError when ``out`` has one and
+    ``resume`` is off."""
+    latest = latest_checkpoint(out)
+    if latest is not None and not resume:
+        raise ConfigError(f"{out} already has checkpoints; pass --resume to continue or choose another train.out_dir")
+    return latest
+
+
+def start(cfg: Any, model: torch.nn.Module, out: Path, latest: Path | None
+          ) -> tuple[torch.optim.Optimizer, EMA | None, torch.Generator, int]:
+    """AdamW over ``model``'s trainable parameters (``optim``), its EMA (``ema.decay`` > 0), the run's noise
+    generator and the step, all restored from ``latest`` when given; ``out/config.yaml`` is written."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
+                                  weight_decay=cfg.optim.weight_decay)
+    ema = EMA(model, cfg.ema.decay) if cfg.ema.decay > 0 else None
+    gen = torch.Generator().manual_seed(cfg.train.seed)
+    step = load_checkpoint(latest, model, ema, optimizer, gen) if latest is not None else 0
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return optimizer, ema, gen, step
 
 
 def latest_checkpoint(out: Path) -> Path | None:

@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch.nn import functional as F
 
 from ..checkpoints import atomic_path
@@ -34,9 +33,7 @@ from ..data import shapes
 from ..data.shapes import ObjectAttrs
 from ..errors import ConfigError
 from ..models.matcher import FrameTextMatcher, MatcherConfig, save_matcher
-from .config import to_dict
-from .loop import final_copy, latest_checkpoint, load_checkpoint, train_loop, write_text
-from .trainer import EMA
+from .loop import final_copy, resumable, start, train_loop, write_text
 
 DATA_FILE = "data.pt"
 DATA_SEED_BASE = 3_333_333
@@ -237,20 +234,13 @@ def run(cfg: Any, resume: bool = False) -> Path:
     stage: Config = cfg.stage
     torch.set_num_threads(stage.threads)
     out = Path(cfg.train.out_dir)
-    latest = latest_checkpoint(out)
-    if latest is not None and not resume:
-        raise ConfigError(f"{out} already has checkpoints; pass --resume to continue or choose another train.out_dir")
+    latest = resumable(out, resume)
     data = load_or_build_dataset(cfg, out)
     latents, text = data["latents"], data["text"]
     torch.manual_seed(cfg.train.seed)
     model = FrameTextMatcher(stage.model_config(latents.shape[1], stage.size // latents.shape[-1],
                                                 text.shape[-1])).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
-                                  weight_decay=cfg.optim.weight_decay)
-    ema = EMA(model, cfg.ema.decay) if cfg.ema.decay > 0 else None
-    gen = torch.Generator().manual_seed(cfg.train.seed)
-    step = load_checkpoint(latest, model, ema, optimizer, gen) if latest is not None else 0
-    write_text(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    optimizer, ema, gen, step = start(cfg, model, out, latest)
     pos_weight = torch.tensor(stage.pos_weight)
 
     def losses(at: int) -> dict[str, torch.Tensor]:

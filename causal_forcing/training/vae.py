@@ -46,7 +46,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import yaml
 from torch import Tensor
 from torch.nn import functional as F
 
@@ -60,8 +59,7 @@ from ..data.shapes_io import (
 )
 from ..errors import ConfigError, InputError
 from ..models.small_vae import SmallVAE, SmallVAEConfig, latent_frames_for
-from .config import to_dict
-from .loop import final_copy, latest_checkpoint, load_checkpoint, train_loop, write_text
+from .loop import final_copy, resumable, start, train_loop, write_text
 from .trainer import EMA
 
 EVAL_SEED_BASE = 7_777_777
@@ -366,9 +364,7 @@ def run(cfg: Any, resume: bool = False) -> Path:
         raise ConfigError("the vae stage trains in fp32 or bf16 (train.precision), not fp16")
     bf16 = cfg.train.precision == "bf16"
     out = Path(cfg.train.out_dir)
-    latest = latest_checkpoint(out)
-    if latest is not None and not resume:
-        raise ConfigError(f"{out} already has checkpoints; pass --resume to continue or choose another train.out_dir")
+    latest = resumable(out, resume)
     torch.manual_seed(cfg.train.seed)
     model = SmallVAE(stage.model_config()).train()
     if stage.trainable == "decoder":
@@ -377,14 +373,7 @@ def run(cfg: Any, resume: bool = False) -> Path:
         model.encoder.requires_grad_(False)
     if cfg.train.init and latest is None:
         _load_init(model, cfg.train.init)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
-                                  weight_decay=cfg.optim.weight_decay)
-    ema = EMA(model, cfg.ema.decay) if cfg.ema.decay > 0 else None
-    gen = torch.Generator().manual_seed(cfg.train.seed)
-    step = load_checkpoint(latest, model, ema, optimizer, gen) if latest is not None else 0
-    out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    optimizer, ema, gen, step = start(cfg, model, out, latest)
     source = ClipSource(cfg.data.path, stage.size, stage.source_frames)
 
     def losses(at: int) -> dict[str, Tensor]:
