@@ -138,10 +138,12 @@ def test_ship_takes_the_best_evaluated_causal_model_of_each_block_size(tmp_path)
     save_model_folder(first, first.config, recipe.final("first_frame"))
     ship.run()
     assert json.loads((tmp_path / "pipelines" / "shipped.partial.json").read_text())["not_trained_yet"] == [
-        "shapes_chunkwise", "shapes_prefix"]
+        "shapes_chunkwise", "shapes_prefix", "shapes_layout"]
     assert load_pipeline(tmp_path / "pipelines" / "shapes_framewise").first_frame.spec.prefix_path is None
     prefix = WanDiT(dit.config.replace(abs_pos_freqs=2))
     save_model_folder(prefix, prefix.config, recipe.final("prefix_tune"))
+    from causal_forcing.models.layout import LayoutModel, save_layout_model
+    save_layout_model(LayoutModel(text_dim=384, hidden=8, text_proj=4, pool=16), recipe.final("layout", ema=False))
     for model, totals in (("causal_ode_chunkwise", [0.5, 0.5]), ("dmd_causal_ode_chunkwise", [0.55, 0.55])):
         write_summary(tmp_path, model, totals, block_size=3)
         save_model_folder(dit, dit.config, recipe.final(model))
@@ -159,6 +161,7 @@ def test_ship_takes_the_best_evaluated_causal_model_of_each_block_size(tmp_path)
         spec = pipe.first_frame.spec
         assert (spec.frames, spec.prefix_text_encoder) == (PREFIX_FRAMES, "minilm-clauses")
         assert pipe.first_frame.prefix_model is not None and len(pipe.first_frame.models()) == 2
+        assert spec.layout_path == "../shapes_layout" and pipe.first_frame.layout_model.pool.shape == (16, 2)
 
 
 def scores(name: str, in_dist: list[float], held_out: list[float]) -> report.ModelScores:
