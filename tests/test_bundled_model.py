@@ -29,7 +29,7 @@ def _folder_bytes(folder: Path) -> int:
 def test_default_model_is_bundled_and_small():
     assert DEFAULT_MODEL == "shapes-framewise" and {"shapes-framewise", "shapes-chunkwise"} <= set(BUNDLED)
     folders = {bundled_folder(name) for name in BUNDLED} | {ASSETS / "shapes_vae", ASSETS / "shapes_first_frame",
-                                                           ASSETS / "shapes_prefix"}
+                                                           ASSETS / "shapes_prefix", ASSETS / "shapes_layout"}
     assert sum(_folder_bytes(f) for f in folders) <= 40 * 2**20
 
 
@@ -42,6 +42,27 @@ def test_default_pipeline_shape(default_pipe):
     assert default_pipe.block_size == 1 and default_pipe.frame_size == (64, 64)
     assert len(default_pipe.stream_config.schedule.steps) == 4
     assert default_pipe.default_frames == 81
+
+
+def test_bundled_layout_model_draws_starts_the_world_could_draw(default_pipe):
+    """The bundled layout model, through the pipeline's own clause encoding, places the objects of two-object
+    training captions at starts the world could have drawn (shapes.valid_start) far more often than independent
+    draws from its pool do."""
+    from causal_forcing.models.layout import pooled_text
+    from causal_forcing.models.text import split_clauses
+    sampler = default_pipe.first_frame
+    assert sampler.spec.layout_path is not None and sampler.layout_model is not None
+    rng, gen = np.random.default_rng(0), torch.Generator().manual_seed(0)
+    counts = {"model": 0, "pool": 0}
+    specs = [c for c in (shapes.sample_clip(20_000 + i) for i in range(120)) if len(c.objects) == 2][:40]
+    for spec in specs:
+        attrs = [o.attrs for o in spec.objects]
+        texts = pooled_text(sampler.text_encoder, split_clauses(spec.caption))
+        drawn = sampler.layout_model.sample(texts, sampler.spec.layout_candidates, sampler.spec.layout_sharpness,
+                                            gen)
+        counts["model"] += shapes.valid_start(attrs, drawn.tolist(), rng)
+        counts["pool"] += shapes.valid_start(attrs, sampler.layout_model.propose((2,), gen).tolist(), rng)
+    assert counts["model"] >= 0.6 * len(specs) and counts["model"] >= counts["pool"] + 0.3 * len(specs), counts
 
 
 def _semantic(pipe, captions):
