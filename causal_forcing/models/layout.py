@@ -118,12 +118,17 @@ WEIGHTS_FILE = "model.safetensors"
 FORMAT = "causal-forcing-layout"
 
 
-def pooled_text(encoder, clauses: Sequence[str]) -> Tensor:
-    """One vector per clause [n, D] (float32, CPU): the mean of ``encoder``'s token states over the tokens it
-    keeps (rows that are not all zero)."""
-    states = encoder.encode(list(clauses)).float().cpu()
+def pool_tokens(states: Tensor) -> Tensor:
+    """Token states [n, L, D] -> one vector per clause [n, D] (float32, CPU): their mean over the tokens kept
+    (rows that are not all zero)."""
+    states = states.float().cpu()
     used = (states.abs().sum(-1) > 0).float()
     return (states * used[..., None]).sum(1) / used.sum(1, keepdim=True).clamp(min=1.0)
+
+
+def pooled_text(encoder, clauses: Sequence[str]) -> Tensor:
+    """One vector per clause [n, D]: :func:`pool_tokens` of ``encoder``'s token states."""
+    return pool_tokens(encoder.encode(list(clauses)))
 
 
 def save_layout_model(model: LayoutModel, folder) -> Path:

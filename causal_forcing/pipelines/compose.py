@@ -27,7 +27,7 @@ Pixels here are ``[3, H, W]`` in [-1, 1], as the VAE decodes them.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -120,29 +120,40 @@ def _shift(drawing: Tensor, box: Box, centre_y: float, centre_x: float) -> tuple
     return torch.roll(drawing.float(), shifts=(dy, dx), dims=(-2, -1)), moved
 
 
+def _place(layout: Tensor, drawings: Sequence[Iterable[Tensor]],
+           target: Callable[[int, tuple[Tensor, Tensor, Tensor, Box]], tuple[float, float] | None]) -> Placement | None:
+    """Each clause's first drawing with an object, moved so that its object's box is centred on ``target(clause
+    index, (drawing, rgb, mask, box))`` ((y, x) in pixels), on ``layout``'s flat background; None where a clause has
+    no such drawing, ``target`` gives None, or two moved objects' boxes would touch."""
+    if layout.dim() != 3 or layout.shape[0] != 3:
+        raise ValueError(f"layout must be [3, H, W], got {list(layout.shape)}")
+    placed: list[Box] = []
+    layers: list[Tensor] = []
+    for j, candidates in enumerate(drawings):
+        found = _first_object(candidates)
+        if found is None:
+            return None
+        centre = target(j, found)
+        if centre is None:
+            return None
+        layer, moved = _shift(found[0], found[3], *centre)
+        if any(boxes_touch(moved, other) for other in placed):
+            return None
+        placed.append(moved)
+        layers.append(layer)
+    return Placement(_background(layout), layers)
+
+
 def place_at(layout: Tensor, drawings: Sequence[Iterable[Tensor]], centres: Sequence[tuple[float, float]]) \
         -> Placement | None:
     """Each clause's drawing (arguments as :func:`place_objects`) moved so that its object's box is centred on
     the clause's entry of ``centres`` ((x, y) in canvas units, [0, 1]), on ``layout``'s flat background; None when
     a clause has no drawing with an object or two moved objects' boxes would touch. The places come from a layout
     model (models/layout.py) instead of the layout frame's objects."""
-    if layout.dim() != 3 or layout.shape[0] != 3:
-        raise ValueError(f"layout must be [3, H, W], got {list(layout.shape)}")
     if len(centres) != len(drawings):
         raise ValueError(f"{len(centres)} centres for {len(drawings)} clauses")
     height, width = layout.shape[-2:]
-    placed: list[Box] = []
-    layers: list[Tensor] = []
-    for candidates, (x, y) in zip(drawings, centres):
-        found = _first_object(candidates)
-        if found is None:
-            return None
-        layer, moved = _shift(found[0], found[3], y * height - 0.5, x * width - 0.5)
-        if any(boxes_touch(moved, other) for other in placed):
-            return None
-        placed.append(moved)
-        layers.append(layer)
-    return Placement(_background(layout), layers)
+    return _place(layout, drawings, lambda j, _: (centres[j][1] * height - 0.5, centres[j][0] * width - 0.5))
 
 
 def place_layers(layout: Tensor, drawings: Sequence[Iterable[Tensor]]) -> Placement | None:
@@ -154,25 +165,14 @@ def place_layers(layout: Tensor, drawings: Sequence[Iterable[Tensor]]) -> Placem
     kept inside the frame. The background is the layout's darkest pixel (a flat background). It declines when a
     colour is missing from the layout, a clause has no drawing with an object, or two moved objects' boxes would
     touch."""
-    if layout.dim() != 3 or layout.shape[0] != 3:
-        raise ValueError(f"layout must be [3, H, W], got {list(layout.shape)}")
     layout_rgb = _rgb(layout)
     layout_objects = layout_rgb.amax(dim=0) > OBJECT_LEVEL
-    placed: list[Box] = []
-    layers: list[Tensor] = []
-    for candidates in drawings:
-        found = _first_object(candidates)
-        if found is None:
-            return None
-        drawing, rgb, mask, box = found
+
+    def where_its_colour_is(_: int, found: tuple[Tensor, Tensor, Tensor, Box]) -> tuple[float, float] | None:
+        _, rgb, mask, _ = found
         colour = rgb[:, mask].mean(dim=1)
-        target = object_box(layout_objects & ((layout_rgb - colour.view(3, 1, 1)).pow(2).sum(dim=0).sqrt()
-                                              < COLOUR_RADIUS))
-        if target is None:
-            return None
-        layer, moved = _shift(drawing, box, (target[0] + target[1]) / 2, (target[2] + target[3]) / 2)
-        if any(boxes_touch(moved, other) for other in placed):
-            return None
-        placed.append(moved)
-        layers.append(layer)
-    return Placement(_background(layout), layers)
+        box = object_box(layout_objects & ((layout_rgb - colour.view(3, 1, 1)).pow(2).sum(dim=0).sqrt()
+                                           < COLOUR_RADIUS))
+        return None if box is None else ((box[0] + box[1]) / 2, (box[2] + box[3]) / 2)
+
+    return _place(layout, drawings, where_its_colour_is)

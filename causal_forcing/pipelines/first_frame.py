@@ -59,7 +59,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-from ..models.layout import LayoutModel, pooled_text
+from ..models.layout import LayoutModel, pool_tokens
 from ..models.matcher import FrameTextMatcher
 from ..models.text import split_clauses
 from ..models.wan import WanDiT
@@ -334,6 +334,7 @@ class FirstFrameSampler:
         starts = [candidate_noise(noise, i) for i in range(k)]                    # candidate-major
         contexts = [context.repeat(k, 1, 1)]
         plan: list[tuple[int, int, int]] = []                                      # (row, clauses, samples each)
+        layout_rows: dict[int, tuple[Tensor, int]] = {}       # row -> (pooled clauses, seed) for the layout model
         extra = self.spec.compose_layouts - 1
         if prompts is not None:
             if len(prompts) != batch:
@@ -358,6 +359,8 @@ class FirstFrameSampler:
                     contexts += [context[row:row + 1].expand(extra, -1, -1),
                                  encoded[at:at + n].repeat_interleave(each, dim=0)]
                     plan.append((row, n, each))
+                    if self.layout_model is not None:
+                        layout_rows[row] = (pool_tokens(encoded[at:at + n]), _noise_seed(noise[row]))
                     at += n
         frames = next(self._solve(self.model, torch.cat(contexts), torch.cat(starts)))
         first = frames[:k * batch]
@@ -370,20 +373,17 @@ class FirstFrameSampler:
             first = first.view(k, batch, *first.shape[1:])[best, torch.arange(batch, device=first.device)]
         else:
             first = first.clone()
-        layout_rows = None
-        if plan and self.layout_model is not None:
-            layout_rows = {row: (split_clauses(prompts[row]), _noise_seed(noise[row])) for row, _, _ in plan}
         placements = self._assemble(first, frames[k * batch:], plan, extra, layout_rows) if plan else {}
         return first, placements
 
     def _assemble(self, first: Tensor, drawn: Tensor, plan: list[tuple[int, int, int]], extra: int,
-                  layout_rows: dict[int, tuple[list[str], int]] | None = None) -> dict[int, Placement]:
+                  layout_rows: dict[int, tuple[Tensor, int]] | None = None) -> dict[int, Placement]:
         """Replace, in place, the rows of ``first`` named by ``plan`` with their assembled frames, and return where
         the objects of each assembled row were placed. ``drawn`` holds, row by row in plan order, the row's
         ``extra`` other layouts, then its clause samples (clause by clause, sample by sample). The layouts and each
         clause's first sample are decoded in one call; a clause's later samples only when the ones before them have
         no object (place_layers uses the first that has one). ``layout_rows`` (with a layout model): each row's
-        clauses and the seed of its layout draws."""
+        pooled clause embeddings and the seed of its layout draws."""
         layouts: list[int] = []
         heads: list[int] = []
         at = 0
@@ -404,7 +404,7 @@ class FirstFrameSampler:
             at += extra + clauses * each
             layouts = [chosen[n], *others[n * extra:(n + 1) * extra]]
             placement = None
-            if layout_rows is not None:
+            if layout_rows:
                 placement = self._learned_layout(layouts[0], drawings, *layout_rows[row])
             if placement is None:
                 placement = self._choose_layout(layouts, drawings)
@@ -416,12 +416,11 @@ class FirstFrameSampler:
                 first[row] = latent.to(first)
         return made
 
-    def _learned_layout(self, frame: Tensor, drawings: Sequence[Iterable[Tensor]], clauses: list[str],
+    def _learned_layout(self, frame: Tensor, drawings: Sequence[Iterable[Tensor]], texts: Tensor,
                         seed: int) -> Placement | None:
         """The drawings placed where the layout model puts the clauses' objects, on ``frame``'s background: the
         first of ``spec.layout_tries`` draws (from ``seed``) where no two objects touch; None if none fits."""
         assert self.layout_model is not None
-        texts = pooled_text(self.text_encoder, clauses)
         generator = torch.Generator().manual_seed(seed)
         for _ in range(self.spec.layout_tries):
             centres = self.layout_model.sample(texts, self.spec.layout_candidates, self.spec.layout_sharpness,
